@@ -1,0 +1,25 @@
+# Every target works from a fresh clone: `make test` and `make demo` create .venv and install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN ?= runs/demo
+
+.PHONY: setup test demo clean
+setup: $(VENV)/.installed
+
+# torch first: on CPU machines the pinned CPU build comes from the local wheel store, not a CUDA download
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: setup
+	$(PY) data_prep/build_corpus.py --out $(RUN)/corpus
+	$(PY) train_pretrain.py --config launch/configs/debug/pretrain.yaml --output_dir $(RUN)/pretrain
+
+clean:
+	rm -rf runs

@@ -1,0 +1,116 @@
+"""Checkpoints that are complete or absent, resume discovery, and the final Hugging Face export.
+
+A checkpoint is written into `checkpoints/.tmp-step_XXXXXXX/` by every rank, then renamed to `step_XXXXXXX/` by the
+main process after a barrier. A rename within one directory is atomic, so a job killed mid-save leaves only a
+`.tmp-` directory, which resume ignores and removes: the run restarts from the previous complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "run_config.json"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def final_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "final"
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint: a `step_N` directory holding a trainer state (temporaries never count)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return None
+    complete = [d for d in root.glob("step_*") if (d / TRAINER_STATE).is_file()]
+    return max(complete, key=lambda d: int(d.name.split("_")[1]), default=None)
+
+
+def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete `.tmp-*` leftovers of a save that was interrupted; returns what was removed (main process only)."""
+    root = checkpoint_root(output_dir)
+    removed = sorted(root.glob(".tmp-*")) if root.is_dir() else []
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed
+
+
+def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, run_config: dict, keep: int) -> Path:
+    """Save model, optimizer, scheduler and RNG state of every rank; visible only once complete."""
+    root = checkpoint_root(output_dir)
+    tmp, final = root / f".tmp-step_{step:07d}", root / f"step_{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+        # written last: its presence is what marks the directory as a usable checkpoint
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        old = sorted((d for d in root.glob("step_*") if d != final), key=lambda d: int(d.name.split("_")[1]))
+        for d in old[: max(0, len(old) - (keep - 1))] if keep > 0 else []:
+            shutil.rmtree(d, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    path = checkpoint / TRAINER_STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"checkpoint '{checkpoint}' is corrupt: cannot read {TRAINER_STATE} ({e})") from None
+
+
+def _plain_model_from_config(config):
+    """Instantiate a model on this process alone, even while a ZeRO-3 config is active for the run."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None  # otherwise from_config would partition (and wait for other ranks)
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lora_config=None) -> Path:
+    """Gather the (possibly ZeRO-3-sharded) weights and write a plain `save_pretrained` directory, atomically.
+
+    LoRA runs are exported merged, so the result loads with `AutoModelForCausalLM.from_pretrained` and serves
+    without PEFT.
+    """
+    out, tmp = final_dir(output_dir), Path(output_dir) / ".tmp-final"
+    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank must call it
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        if lora_config is not None:
+            from peft import get_peft_model
+
+            base_config = unwrapped.get_base_model().config
+            plain = get_peft_model(_plain_model_from_config(base_config), lora_config)
+            plain.load_state_dict(state_dict)  # strict: a key mismatch must not export half-trained weights
+            merged = plain.merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    accelerator.wait_for_everyone()
+    return out

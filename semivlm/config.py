@@ -1,0 +1,155 @@
+"""One config mechanism for every script: dataclass defaults <- YAML file <- `--field value` on the command line.
+
+Unknown keys are an error that names the key and where it came from (the YAML file or the command line), so a
+typo never silently trains with a default. Values from the command line are parsed as YAML scalars
+(`--lr 3e-4`, `--lora_r 0`, `--model_config '{hidden_size: 64}'`) and checked against the field's type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(SystemExit):
+    """A config problem the user must fix; exits with a one-line message instead of a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(f"config error: {message}")
+
+
+def _field_types(cls) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, annotation, key: str, origin: str):
+    """Check `value` against `annotation`, converting the few safe cases (int -> float, str path -> str)."""
+    args = typing.get_args(annotation)
+    kind = typing.get_origin(annotation)
+    if kind in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, origin)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{origin}: key '{key}' has value {value!r}, which is not a {annotation}")
+    if kind is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{origin}: key '{key}' must be one of {list(args)}, got {value!r}")
+    if kind in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            inner = args[0] if args else object
+            items = [_coerce(v, inner, key, origin) if inner is not object else v for v in value]
+            return list(items) if kind is list else tuple(items)
+        raise ConfigError(f"{origin}: key '{key}' must be a list, got {value!r}")
+    if kind is dict or annotation is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{origin}: key '{key}' must be a mapping, got {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{origin}: key '{key}' must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{origin}: key '{key}' must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 without a dot as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{origin}: key '{key}' must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{origin}: key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _apply(values: dict, types_: dict, origin: str) -> dict:
+    out = {}
+    for key, value in values.items():
+        if key not in types_:
+            close = [k for k in types_ if k.replace("_", "") == str(key).replace("_", "").replace("-", "")]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{origin}: unknown key '{key}'{hint}; known keys: {', '.join(sorted(types_))}")
+        out[key] = _coerce(value, types_[key], key, origin)
+    return out
+
+
+def _parse_cli(argv: list[str]) -> tuple[str | None, dict]:
+    config_file, values = None, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got '{arg}'")
+        key, eq, inline = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            raw = inline
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            raw = argv[i + 1]
+            i += 2
+        else:  # a bare flag means true
+            raw = "true"
+            i += 1
+        if key == "config":
+            config_file = raw
+            continue
+        try:
+            values[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            values[key] = raw
+    return config_file, values
+
+
+def load_config(cls, argv: list[str] | None = None):
+    """Build a `cls` dataclass from defaults, then `--config FILE.yaml`, then `--key value` pairs in argv."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    types_ = _field_types(cls)
+    config_file, cli_values = _parse_cli(argv)
+    values: dict = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file '{config_file}' does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{config_file}: not valid YAML ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file}: top level must be a mapping of key: value")
+        values.update(_apply(loaded, types_, config_file))
+    # str-typed keys keep their literal text even when YAML would read it as a number (e.g. --output_dir 001)
+    for key, value in cli_values.items():
+        if types_.get(key) is str and not isinstance(value, str) and value is not None:
+            cli_values[key] = str(value) if not isinstance(value, bool) else value
+    values.update(_apply(cli_values, types_, "command line"))
+    return cls(**values)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    """Write the resolved config as JSON (beside checkpoints and final exports) so a run is reproducible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,382 @@
+"""The one training loop every script uses (Accelerate; DeepSpeed ZeRO-2/3 when launched with it).
+
+Gradient accumulation, clipping, warmup + cosine, held-out eval, one log line per optimizer step, atomic
+checkpoints, resume, stop-and-checkpoint on SIGUSR1 or an `output_dir/STOP` file, and a gathered final export.
+
+Loss normalisation: every optimizer step first collates its whole window of micro-batches and all-reduces the
+number of supervised tokens, so the gradient is the mean over all tokens of the step whatever the padding, the
+accumulation or the number of ranks (a mean of per-micro-batch means is not).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from semivlm import checkpoint as ckpt
+from semivlm.model import flops_per_token, local_numel, numel
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = ""
+    init_from: str = ""  # model directory or hub id; empty = random init from model_config
+    model_config: dict = field(default_factory=dict)  # tiny debug models: {model_type: llama, hidden_size: 64, ...}
+    tokenizer: str = ""  # directory or hub id; empty = init_from
+    train_data: str = ""
+    eval_data: str = ""
+    max_steps: int = 100  # optimizer steps
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    micro_batch_size: int = 8  # sequences per rank per forward
+    grad_accum: int = 1
+    eval_every: int = 50  # 0 = only before and after training
+    eval_batches: int = 20  # micro-batches per rank per eval
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    # read for precision and clipping when not launched under DeepSpeed; under DeepSpeed the launcher's file rules
+    ds_config: str = "ds_configs/zero3.json"
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    tensorboard: bool = False
+    exit_after_steps: int = 0  # checkpoint and exit 0 after this many steps of this invocation (time-sliced jobs)
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = datasheet for known GPUs, else a measured matmul ceiling
+
+
+# ---------------------------------------------------------------- setup
+
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
+                         "L40S": 362.0, "A10": 125.0, "L4": 121.0, "V100": 125.0}
+
+
+def read_ds_config(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"ds_config '{path}' does not exist") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"ds_config '{path}' is not valid JSON: {e}") from None
+
+
+def make_accelerator(cfg: TrainConfig):
+    """Accelerator whose precision, clipping and ZeRO stage all come from one ds_configs/ file."""
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    # DeepSpeed 0.19 calls these deprecated collectives every step; one warning per call floods the log
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*|.*reduce_scatter_tensor.*")
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", cfg.ds_config) if use_deepspeed else cfg.ds_config
+    ds = read_ds_config(ds_file)
+    precision = "bf16" if ds.get("bf16", {}).get("enabled") is True else (
+        "fp16" if ds.get("fp16", {}).get("enabled") is True else "no")
+    # without a GPU accelerate misreads the world size under DeepSpeed unless the gloo backend is named
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
+                              kwargs_handlers=handlers)
+    if use_deepspeed:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    accelerator.ds_file, accelerator.clip = ds_file, float(ds.get("gradient_clipping", 0.0))
+    accelerator.param_dtype = torch.bfloat16 if use_deepspeed and precision == "bf16" else torch.float32
+    return accelerator
+
+
+def zero_stage(accelerator) -> int:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best of a few large matmuls: the ceiling MFU is quoted against where no datasheet figure applies."""
+    n = 2048 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * n**3 / best / 1e12
+
+
+def peak_tflops(cfg: TrainConfig, accelerator) -> tuple[float, str]:
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops, "configured"
+    if accelerator.device.type == "cuda":
+        name = torch.cuda.get_device_name(accelerator.device)
+        for key, tflops in DATASHEET_BF16_TFLOPS.items():
+            if key in name:
+                return tflops, f"{name} datasheet bf16"
+    dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
+    return measure_peak_tflops(accelerator.device, dtype), f"measured {dtype} matmul on {accelerator.device.type}"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def cosine_with_warmup(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def default_param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay matrices, not biases or norm gains (the usual GPT recipe)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+# ---------------------------------------------------------------- data order
+
+class StepBatches:
+    """The micro-batches this rank runs for optimizer step `step`."""
+
+    def __init__(self, dataset, collate, cfg: TrainConfig, world: int, rank: int):
+        self.dataset, self.collate, self.cfg, self.world, self.rank = dataset, collate, cfg, world, rank
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def _index(self, pos: int) -> int:
+        epoch, i = divmod(pos, len(self.dataset))
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng((self.cfg.seed, epoch)).permutation(len(self.dataset))}
+        return int(self._perm_cache[epoch][i])
+
+    def __call__(self, step: int) -> list[dict]:
+        micro, ga = self.cfg.micro_batch_size, self.cfg.grad_accum
+        base = step * micro * ga * self.world
+        batches = []
+        for m in range(ga):
+            start = base + (m * self.world + self.rank) * micro
+            batches.append(self.collate([self.dataset[self._index(p)] for p in range(start, start + micro)]))
+        return batches
+
+
+# ---------------------------------------------------------------- loss
+
+def causal_lm_loss(model, batch: dict, num_items: float) -> tuple[torch.Tensor, dict]:
+    """Summed token cross-entropy divided by `num_items` (HF's own loss path, so Liger/fused variants apply)."""
+    out = model(**batch, num_items_in_batch=num_items, use_cache=False)
+    return out.loss, {}
+
+
+def supervised_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def input_tokens(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None and mask.dim() == 2 else int(batch["input_ids"].numel())
+
+
+@torch.no_grad()
+def evaluate(model, accelerator, dataset, collate, cfg: TrainConfig, loss_fn=causal_lm_loss) -> dict:
+    """Token-weighted held-out loss and perplexity; every rank runs the same number of forwards (ZeRO-3 gathers)."""
+    model.eval()
+    world, rank, micro = accelerator.num_processes, accelerator.process_index, cfg.micro_batch_size
+    n = min(len(dataset), cfg.eval_batches * micro * world)
+    rounds = math.ceil(n / (micro * world))
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for r in range(rounds):
+        idx = [i for i in range((r * world + rank) * micro, (r * world + rank + 1) * micro) if i < n]
+        weight = 1.0 if idx else 0.0
+        batch = collate([dataset[i] for i in (idx or [0])])  # a rank without data still joins the collectives
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        tokens = supervised_tokens(batch)
+        loss, _ = loss_fn(model, batch, 1.0)  # summed over tokens
+        totals += torch.tensor([float(loss) * weight, tokens * weight], dtype=torch.float64, device=totals.device)
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train()
+    mean = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(totals[1])}
+
+
+# ---------------------------------------------------------------- the loop
+
+class _StopRequest:
+    def __init__(self, stop_file: Path):
+        self.stop_file, self.signalled = stop_file, False
+        signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, *_):
+        self.signalled = True
+
+    def requested(self) -> bool:
+        return self.signalled or self.stop_file.exists()
+
+
+def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_dataset, collate: Callable,
+          loss_fn: Callable = causal_lm_loss, param_groups: list[dict] | None = None, lora_config=None,
+          seq_len: int | None = None) -> dict:
+    """Train `model` for cfg.max_steps optimizer steps; returns {"history": [...], "final_dir": path | None}."""
+    out = Path(cfg.output_dir)
+    main = accelerator.is_main_process
+    log = accelerator.print
+    if not cfg.output_dir:
+        raise SystemExit("output_dir is required")
+    run_config = dataclasses.asdict(cfg)
+    stop = _StopRequest(out / "STOP")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "STOP").unlink(missing_ok=True)  # a stale request from the job that was requeued
+        for d in ckpt.remove_partial_checkpoints(out):
+            log(f"removed incomplete checkpoint {d}")
+        (out / ckpt.RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
+
+    # parameters per rank, measured before prepare() (afterwards DeepSpeed hides them in flat buffers)
+    total_params = sum(numel(p) for p in model.parameters())
+    trainable_params = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    local_params = sum(local_numel(p) for p in model.parameters())
+    seq_len = seq_len or len(train_dataset[0]["input_ids"])
+    fpt = flops_per_token(model, seq_len)
+    print(f"rank {accelerator.process_index}/{accelerator.num_processes} holds {local_params:,} of "
+          f"{total_params:,} parameters (ZeRO stage {zero_stage(accelerator)})", flush=True)
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_config is not None:
+            model.enable_input_require_grads()
+    groups = param_groups or default_param_groups(model, cfg.weight_decay)
+    fused = accelerator.device.type == "cuda" and zero_stage(accelerator) == 0
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, cfg))
+    # the scheduler stays outside prepare(): accelerate would step it once per process, distorting the schedule
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    start_step, history = 0, []
+    latest = ckpt.find_latest_checkpoint(out)
+    if latest is not None:
+        state = ckpt.load_trainer_state(latest)
+        accelerator.load_state(str(latest))
+        start_step, history = state["step"], state["history"]
+        log(f"resumed from {latest} at step {start_step}")
+    elif cfg.init_from:
+        log(f"initialised from {cfg.init_from}")
+
+    tflops, tflops_source = peak_tflops(cfg, accelerator)
+    world = accelerator.num_processes
+    log(f"training {trainable_params:,} of {total_params:,} parameters for {cfg.max_steps} steps | "
+        f"{world} ranks × {cfg.micro_batch_size} micro × {cfg.grad_accum} accum = "
+        f"{world * cfg.micro_batch_size * cfg.grad_accum} sequences/step | precision {accelerator.mixed_precision} | "
+        f"ds_config {accelerator.ds_file} | peak {tflops:.3g} TFLOP/s ({tflops_source})")
+    writer = None
+    if cfg.tensorboard and main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+
+    def record(step: int, metrics: dict):
+        history.append({"step": step, **metrics})
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, step)
+
+    if start_step == 0 and eval_dataset is not None:
+        metrics = evaluate(model, accelerator, eval_dataset, collate, cfg, loss_fn)
+        record(0, metrics)
+        log(f"eval step 0 | loss {metrics['eval_loss']:.4f} | ppl {metrics['eval_ppl']:.2f}")
+
+    batches_for = StepBatches(train_dataset, collate, cfg, world, accelerator.process_index)
+    model.train()
+    step, stopped_early, t_start = start_step, False, time.perf_counter()
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        window = batches_for(step)
+        counts = torch.tensor([sum(supervised_tokens(b) for b in window), sum(input_tokens(b) for b in window),
+                               float(stop.requested())], dtype=torch.float64, device=accelerator.device)
+        counts = accelerator.reduce(counts, reduction="sum")
+        if counts[0] == 0:
+            raise RuntimeError(f"step {step}: no supervised tokens in the whole batch (every label is -100)")
+        # backward divides by grad_accum and data parallelism averages over ranks; undo both so the step's
+        # gradient is sum-over-tokens / tokens-in-step
+        num_items = float(counts[0]) / (cfg.grad_accum * world)
+        loss_sum, extras_sum, grad_norm = 0.0, {}, None
+        for batch in window:
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                loss, extras = loss_fn(model, batch, num_items)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:  # under DeepSpeed this only reads the norm it clipped with
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), accelerator.clip or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += float(loss.detach()) * num_items
+            for k, v in extras.items():
+                extras_sum[k] = extras_sum.get(k, 0.0) + float(v) / cfg.grad_accum
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        reduced = accelerator.reduce(torch.tensor([loss_sum, *extras_sum.values()], dtype=torch.float64,
+                                                  device=accelerator.device), reduction="sum")
+        step_loss = float(reduced[0] / counts[0])
+        extras_mean = {k: float(v) / world for k, v in zip(extras_sum, reduced[1:].tolist())}
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tok_s = float(counts[1]) / dt
+        mfu = fpt * tok_s / (tflops * 1e12 * world)
+        metrics = {"loss": step_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
+                   "peak_mem_gib": peak_memory_gib(accelerator.device), **extras_mean}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        record(step, metrics)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            extra = "".join(f" | {k} {v:.4f}" for k, v in extras_mean.items())
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / (step - start_step) * (cfg.max_steps - step)
+            log(f"step {step}/{cfg.max_steps} | loss {step_loss:.4f}{extra} | lr {lr:.1e} | {tok_s:,.0f} tok/s | "
+                f"MFU {100 * mfu:.1f}% | {metrics['peak_mem_gib']:.1f} GiB | ETA {eta:.0f}s")
+        if eval_dataset is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            em = evaluate(model, accelerator, eval_dataset, collate, cfg, loss_fn)
+            record(step, em)
+            log(f"eval step {step} | loss {em['eval_loss']:.4f} | ppl {em['eval_ppl']:.2f}")
+        stop_now = bool(counts[2] > 0) or (cfg.exit_after_steps and step - start_step >= cfg.exit_after_steps)
+        if (cfg.save_every and step % cfg.save_every == 0) or (stop_now and step < cfg.max_steps):
+            path = ckpt.save_checkpoint(accelerator, out, step, {"step": step, "history": history}, run_config,
+                                        cfg.keep_checkpoints)
+            log(f"saved checkpoint {path}")
+        if stop_now and step < cfg.max_steps:
+            log(f"stop requested: checkpointed at step {step}; rerun the same command to resume")
+            stopped_early = True
+            break
+
+    final = None
+    if not stopped_early:
+        final = ckpt.export_final(accelerator, model, tokenizer, out, run_config, lora_config)
+        if main:
+            (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        log(f"exported {final}")
+    if writer is not None:
+        writer.close()
+    return {"history": history, "final_dir": str(final) if final else None, "stopped_early": stopped_early}

@@ -1,0 +1,100 @@
+"""Model and tokenizer construction: `from_pretrained` of a directory or hub id, or a tiny config for debug runs.
+
+Everything here returns plain Hugging Face objects; nothing needs custom modelling code or trust_remote_code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_tokenizer(name_or_path: str):
+    """AutoTokenizer from a local directory or hub id; a clear error naming the path when it cannot be found."""
+    from transformers import AutoTokenizer
+
+    if not name_or_path:
+        raise SystemExit("no tokenizer given: set `tokenizer` (a directory or hub id) or `init_from`")
+    if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().is_dir():
+        raise SystemExit(f"tokenizer directory '{name_or_path}' does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot load tokenizer '{name_or_path}': {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:  # Llama-3-style tokenizers ship without one; padding is masked out of the loss anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_causal_lm(init_from: str, model_config: dict, vocab_size: int, dtype: torch.dtype,
+                    attn_implementation: str = "sdpa"):
+    """A decoder LM: `from_pretrained(init_from)` when given, else random init from the `model_config` mapping.
+
+    Under an active ZeRO-3 config (accelerate sets it up before this is called) both paths construct the model
+    already partitioned across ranks, so no rank ever holds the full weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if init_from:
+        if init_from.startswith((".", "/", "~")) and not Path(init_from).expanduser().is_dir():
+            raise SystemExit(f"init_from directory '{init_from}' does not exist")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(init_from, dtype=dtype, attn_implementation=attn_implementation)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"cannot load model '{init_from}': {str(e).splitlines()[0]}") from None
+        if model.get_input_embeddings().weight.shape[0] < vocab_size and vocab_size:
+            model.resize_token_embeddings(vocab_size)
+        return model
+    if not model_config:
+        raise SystemExit("set either `init_from` (a model directory or hub id) or `model_config` (a tiny random model)")
+    spec = dict(model_config)
+    model_type = spec.pop("model_type", None)
+    if model_type is None:
+        raise SystemExit("model_config needs a `model_type` (e.g. llama, qwen2, qwen3, mistral)")
+    spec.setdefault("vocab_size", vocab_size)
+    config = AutoConfig.for_model(model_type, **spec)
+    config._attn_implementation = attn_implementation
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str]):
+    """Wrap `model` with PEFT LoRA on the named projections; returns (peft_model, lora_config)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                             task_type="CAUSAL_LM")
+    return get_peft_model(model, lora_config), lora_config
+
+
+def numel(p: torch.nn.Parameter) -> int:
+    """Full size of a parameter, also when ZeRO-3 has partitioned it away (then `numel()` is 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def local_numel(p: torch.nn.Parameter) -> int:
+    """What this rank actually stores of a parameter: its ZeRO-3 shard if partitioned, else all of it."""
+    shard = getattr(p, "ds_tensor", None)
+    return int(shard.numel()) if shard is not None else int(p.numel())
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: forward 2N, activation gradients 2N, weight gradients 2N only where trainable.
+
+    Embedding lookups cost no matmul FLOPs; the attention score/value matmuls add 12·layers·hidden·seq
+    (forward + backward), as in the PaLM/Megatron MFU accounting.
+    """
+    embed = model.get_input_embeddings()
+    embed_ids = {id(p) for p in embed.parameters()}
+    total, trainable = 0, 0
+    for p in model.parameters():
+        if id(p) in embed_ids:
+            continue
+        total += numel(p)
+        trainable += numel(p) if p.requires_grad else 0
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers, hidden = getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0)
+    # tied lm_head shares the embedding matrix but still costs a matmul
+    if getattr(cfg, "tie_word_embeddings", False):
+        total += numel(embed.weight)
+        trainable += numel(embed.weight) if embed.weight.requires_grad else 0
+    return 4.0 * total + 2.0 * trainable + 12.0 * layers * hidden * seq_len

@@ -1,0 +1,186 @@
+"""train_pretrain.py and the shared loop: ZeRO-3 sharding, resume exactness, atomic checkpoints, exports."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import REPO, reset_accelerate, run_script
+
+from semivlm.config import load_config
+from train_pretrain import PretrainConfig, main
+
+
+def run_in_process(args: list[str]) -> dict:
+    reset_accelerate()
+    return main(load_config(PretrainConfig, args))
+
+
+def losses(history: list[dict]) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def heldout_loss(model_dir, blocks_dir) -> float:
+    """Token-mean loss of a saved model on saved blocks, computed independently of the loop."""
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor(load_from_disk(str(blocks_dir))["input_ids"])
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1].float()
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+def test_zero3_two_process_run_shards_weights_resumes_exactly_and_exports(pretrain_args, tmp_path, tiny_blocks):
+    launch = [str(REPO / ".venv/bin/accelerate"), "launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
+              "train_pretrain.py"]
+    common = {"max_steps": 6, "save_every": 6, "eval_every": 0, "eval_batches": 8}
+    straight = run_script(launch + pretrain_args(tmp_path / "straight", **common), timeout=300)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+
+    # each rank stores only its half of the parameters
+    held = re.findall(r"rank (\d)/2 holds ([\d,]+) of ([\d,]+) parameters \(ZeRO stage 3\)", straight.stdout)
+    assert sorted(r for r, _, _ in held) == ["0", "1"], straight.stdout[-2000:]
+    shard = [int(h.replace(",", "")) for _, h, _ in held]
+    total = int(held[0][2].replace(",", ""))
+    assert sum(shard) == total and max(shard) <= 0.55 * total
+
+    history = json.loads((tmp_path / "straight/history.json").read_text())
+    train = losses(history)
+    assert train[6] < train[1] - 0.3, train
+    final_eval = [h["eval_loss"] for h in history if "eval_loss" in h][-1]
+
+    # the export reloads with plain transformers and equals the weights consolidated from the ZeRO-3 shards
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "straight/final").state_dict()
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "straight/checkpoints/step_0000006"))
+    assert set(consolidated) <= set(exported) and len(consolidated) >= len(exported) - 1
+    for name, weight in consolidated.items():
+        torch.testing.assert_close(exported[name], weight, rtol=0, atol=0, msg=name)
+    initial = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(
+        tmp_path / "straight/final").config)
+    assert not torch.equal(initial.state_dict()["model.norm.weight"], exported["model.norm.weight"])
+    assert heldout_loss(tmp_path / "straight/final", tiny_blocks / "validation") == pytest.approx(final_eval, abs=1e-4)
+
+    # stopped after step 3 and resumed under ZeRO-3: the remaining steps repeat the uninterrupted run
+    first = run_script(launch + pretrain_args(tmp_path / "resumed", **common, exit_after_steps=3), timeout=300)
+    assert first.returncode == 0 and "stop requested" in first.stdout, first.stderr[-3000:]
+    assert not (tmp_path / "resumed/final").exists()
+    second = run_script(launch + pretrain_args(tmp_path / "resumed", **common), timeout=300)
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    resumed = losses(json.loads((tmp_path / "resumed/history.json").read_text()))
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(train[step], abs=1e-5), (step, resumed, train)
+
+
+def test_resume_after_stop_gives_the_same_losses_as_an_uninterrupted_run(pretrain_args, tmp_path):
+    straight = run_in_process(pretrain_args(tmp_path / "a"))
+    stopped = run_in_process(pretrain_args(tmp_path / "b", exit_after_steps=3))
+    assert stopped["stopped_early"] and stopped["final_dir"] is None
+    resumed = run_in_process(pretrain_args(tmp_path / "b"))
+    a, b = losses(straight["history"]), losses(resumed["history"])
+    assert sorted(b) == list(range(1, 9))
+    for step in range(4, 9):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+
+
+class SimulatedKill(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing in the loop can catch and tidy up after it."""
+
+
+def test_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_complete_one(pretrain_args, tmp_path,
+                                                                                        monkeypatch):
+    from accelerate import Accelerator
+
+    reference = losses(run_in_process(pretrain_args(tmp_path / "ref", save_every=3))["history"])
+
+    original, calls = Accelerator.save_state, []
+
+    def save_then_die(self, output_dir=None, **kw):
+        calls.append(output_dir)
+        result = original(self, output_dir, **kw)
+        if len(calls) == 2:  # the step-6 checkpoint: weights on disk, trainer state not yet written
+            raise SimulatedKill()
+        return result
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_die)
+    with pytest.raises(SimulatedKill):
+        run_in_process(pretrain_args(tmp_path / "run", save_every=3))
+    monkeypatch.setattr(Accelerator, "save_state", original)
+    ckpts = tmp_path / "run/checkpoints"
+    assert (ckpts / "step_0000003/trainer_state.json").is_file()
+    assert (ckpts / ".tmp-step_0000006").is_dir() and not (ckpts / "step_0000006").exists()
+
+    reset_accelerate()
+    resumed = run_in_process(pretrain_args(tmp_path / "run", save_every=3))
+    assert not (ckpts / ".tmp-step_0000006").exists()
+    after = losses(resumed["history"])
+    for step in range(4, 9):
+        assert after[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_gradient_is_a_token_mean_whatever_the_accumulation_split(tiny_blocks, tmp_path):
+    """With unequal numbers of supervised tokens per sequence, 1×8 and 2 accumulated ×4 give the gradient of the
+    token-mean loss over all 8 sequences (a mean of per-micro-batch means would not)."""
+    from datasets import load_from_disk
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_LLAMA
+    from semivlm.loop import TrainConfig, make_accelerator, train
+    from train_pretrain import collate_blocks
+
+    def collate_with_prompt_masks(rows):
+        batch = collate_blocks(rows)
+        for i, ids in enumerate(batch["input_ids"]):
+            batch["labels"][i, : int(ids[0]) * 7 % 60] = -100  # masked prefix length depends on the sample only
+        return batch
+
+    data = load_from_disk(str(tiny_blocks / "train")).with_format("torch")
+    spec = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    config = AutoConfig.for_model("llama", vocab_size=400, **spec)
+
+    def grad_norm_of_first_step(micro, accum):
+        reset_accelerate()
+        cfg = TrainConfig(output_dir=str(tmp_path / f"{micro}x{accum}"), max_steps=1, micro_batch_size=micro,
+                          grad_accum=accum, eval_every=0, save_every=0,
+                          ds_config=str(REPO / "ds_configs/zero3_fp32.json"))
+        accelerator = make_accelerator(cfg)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        result = train(cfg, accelerator, model, None, data, None, collate_with_prompt_masks)
+        return result["history"][-1]["grad_norm"], result["history"][-1]["loss"]
+
+    norm_1x8, loss_1x8 = grad_norm_of_first_step(8, 1)
+    norm_4x2, loss_4x2 = grad_norm_of_first_step(4, 2)
+
+    # independent reference: the same 8 sequences in one batch, mean cross-entropy over supervised tokens
+    from semivlm.loop import StepBatches
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    cfg = TrainConfig(micro_batch_size=8, grad_accum=1)
+    batch = StepBatches(data, collate_with_prompt_masks, cfg, world=1, rank=0)(0)[0]
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    loss.backward()
+    reference = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    assert loss_1x8 == pytest.approx(loss.item(), abs=1e-5) and loss_4x2 == pytest.approx(loss.item(), abs=1e-5)
+    assert norm_1x8 == pytest.approx(reference, rel=1e-4)
+    assert norm_4x2 == pytest.approx(reference, rel=1e-4)
+
+
+def test_lora_run_exports_a_merged_model_that_plain_transformers_loads(pretrain_args, tmp_path, tiny_blocks):
+    result = run_in_process(pretrain_args(tmp_path / "lora", lora_r=4, lora_alpha=8, learning_rate=1e-2,
+                                          eval_batches=8))
+    final = tmp_path / "lora/final"
+    assert not (final / "adapter_config.json").exists() and (final / "model.safetensors").is_file()
+    history = result["history"]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert evals[-1] < evals[0]
+    # the merged weights reproduce the adapter model's held-out loss, so the merge lost nothing
+    assert heldout_loss(final, tiny_blocks / "validation") == pytest.approx(evals[-1], abs=1e-4)
