@@ -113,12 +113,19 @@ def _parse_cli(argv: list[str]) -> tuple[str | None, dict]:
             i += 1
         if key == "config":
             config_file = raw
-            continue
-        try:
-            values[key] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        else:
             values[key] = raw
     return config_file, values
+
+
+def _parse_value(raw: str, annotation):
+    """Command-line text as YAML (numbers, lists, mappings), except for plain-string fields, which keep it verbatim."""
+    if annotation is str:
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
 
 
 def load_config(cls, argv: list[str] | None = None):
@@ -138,10 +145,7 @@ def load_config(cls, argv: list[str] | None = None):
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config_file}: top level must be a mapping of key: value")
         values.update(_apply(loaded, types_, config_file))
-    # str-typed keys keep their literal text even when YAML would read it as a number (e.g. --output_dir 001)
-    for key, value in cli_values.items():
-        if types_.get(key) is str and not isinstance(value, str) and value is not None:
-            cli_values[key] = str(value) if not isinstance(value, bool) else value
+    cli_values = {k: _parse_value(raw, types_.get(k)) for k, raw in cli_values.items()}
     values.update(_apply(cli_values, types_, "command line"))
     return cls(**values)
 

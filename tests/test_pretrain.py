@@ -184,3 +184,37 @@ def test_lora_run_exports_a_merged_model_that_plain_transformers_loads(pretrain_
     assert evals[-1] < evals[0]
     # the merged weights reproduce the adapter model's held-out loss, so the merge lost nothing
     assert heldout_loss(final, tiny_blocks / "validation") == pytest.approx(evals[-1], abs=1e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train_data": "/nonexistent/train"}, "train_data '/nonexistent/train' does not exist"),
+    ({"tokenizer": "/nonexistent/tok"}, "tokenizer directory '/nonexistent/tok' does not exist"),
+    ({"ds_config": "/nonexistent/ds.json"}, "ds_config '/nonexistent/ds.json' does not exist"),
+    ({"init_from": "/nonexistent/model"}, "init_from directory '/nonexistent/model' does not exist"),
+    ({"model_config": "{hidden_size: 64}"}, "model_config needs a `model_type`"),
+])
+def test_bad_paths_and_settings_stop_with_a_message_naming_them(pretrain_args, tmp_path, override, message):
+    with pytest.raises(SystemExit, match=message):
+        run_in_process(pretrain_args(tmp_path / "bad", **override))
+
+
+def test_blocks_from_another_tokenizer_are_refused(pretrain_args, tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"input_ids": [[5, 9000, 7, 1]] * 4}).save_to_disk(tmp_path / "foreign")
+    with pytest.raises(SystemExit, match="holds token id 9000 but the model's vocabulary has"):
+        run_in_process(pretrain_args(tmp_path / "bad", train_data=tmp_path / "foreign"))
+
+
+def test_corrupt_checkpoint_is_named_instead_of_resumed(pretrain_args, tmp_path):
+    run_in_process(pretrain_args(tmp_path / "run", exit_after_steps=2))
+    state = next((tmp_path / "run/checkpoints").glob("step_*")) / "trainer_state.json"
+    state.write_text("{truncated")
+    with pytest.raises(SystemExit, match=r"checkpoint '.*step_0000002' is corrupt"):
+        run_in_process(pretrain_args(tmp_path / "run"))
+
+
+def test_command_line_errors_print_one_line_not_a_traceback(tmp_path):
+    result = run_script([str(REPO / ".venv/bin/python"), "train_pretrain.py", "--max_stepz", "3"], timeout=120)
+    assert result.returncode != 0
+    assert "unknown key 'max_stepz'" in result.stderr and "Traceback" not in result.stderr
