@@ -98,6 +98,24 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
+def fill_ds_bucket_sizes(accelerator, model) -> None:
+    """Resolve "auto" ZeRO bucket sizes from the text model's width.
+
+    Accelerate derives them from `model.config.hidden_size`, which composite configs (Llava) do not have, so it
+    would stop in prepare(); these are the same formulas accelerate uses.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    h = config.hidden_size
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    for key, value in {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                       "stage3_param_persistence_threshold": 10 * h}.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
 def zero_stage(accelerator) -> int:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return int(plugin.zero_stage) if plugin is not None else 0
@@ -270,6 +288,7 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, cfg))
+    fill_ds_bucket_sizes(accelerator, model)
     # the scheduler stays outside prepare(): accelerate would step it once per process, distorting the schedule
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)

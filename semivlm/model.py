@@ -42,7 +42,8 @@ def build_causal_lm(init_from: str, model_config: dict, vocab_size: int, dtype: 
             model = AutoModelForCausalLM.from_pretrained(init_from, dtype=dtype, attn_implementation=attn_implementation)
         except (OSError, ValueError) as e:
             raise SystemExit(f"cannot load model '{init_from}': {str(e).splitlines()[0]}") from None
-        if model.get_input_embeddings().weight.shape[0] < vocab_size and vocab_size:
+        # num_embeddings, not weight.shape: under ZeRO-3 the local weight is an empty placeholder
+        if vocab_size and model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)
         return model
     if not model_config:

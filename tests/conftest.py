@@ -58,6 +58,20 @@ def tiny_blocks(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_blocks) -> Path:
+    """A random tiny Llama saved with save_pretrained: what `init_from` gets instead of a hub id in tests."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=400, **spec))
+    path = tmp_path_factory.mktemp("tiny_model") / "llama"
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def pretrain_args(tiny_blocks, tmp_path):
     """Command-line arguments for a ~10 s train_pretrain.py run on the tiny blocks."""

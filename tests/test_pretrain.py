@@ -33,10 +33,13 @@ def heldout_loss(model_dir, blocks_dir) -> float:
     return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
 
-def test_zero3_two_process_run_shards_weights_resumes_exactly_and_exports(pretrain_args, tmp_path, tiny_blocks):
+def test_zero3_two_process_run_shards_weights_resumes_exactly_and_exports(pretrain_args, tmp_path, tiny_blocks,
+                                                                         tiny_model_dir):
     launch = [str(REPO / ".venv/bin/accelerate"), "launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
               "train_pretrain.py"]
-    common = {"max_steps": 6, "save_every": 6, "eval_every": 0, "eval_batches": 8}
+    # from_pretrained of a local directory, loaded straight into ZeRO-3 partitions
+    common = {"max_steps": 6, "save_every": 6, "eval_every": 0, "eval_batches": 8, "init_from": tiny_model_dir,
+              "model_config": "{}"}
     straight = run_script(launch + pretrain_args(tmp_path / "straight", **common), timeout=300)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
 
@@ -61,9 +64,10 @@ def test_zero3_two_process_run_shards_weights_resumes_exactly_and_exports(pretra
     assert set(consolidated) <= set(exported) and len(consolidated) >= len(exported) - 1
     for name, weight in consolidated.items():
         torch.testing.assert_close(exported[name], weight, rtol=0, atol=0, msg=name)
-    initial = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(
-        tmp_path / "straight/final").config)
-    assert not torch.equal(initial.state_dict()["model.norm.weight"], exported["model.norm.weight"])
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert not torch.equal(initial["model.norm.weight"], exported["model.norm.weight"])
+    initial_eval = [h["eval_loss"] for h in history if "eval_loss" in h][0]
+    assert heldout_loss(tiny_model_dir, tiny_blocks / "validation") == pytest.approx(initial_eval, abs=1e-4)
     assert heldout_loss(tmp_path / "straight/final", tiny_blocks / "validation") == pytest.approx(final_eval, abs=1e-4)
 
     # stopped after step 3 and resumed under ZeRO-3: the remaining steps repeat the uninterrupted run
@@ -218,3 +222,33 @@ def test_command_line_errors_print_one_line_not_a_traceback(tmp_path):
     result = run_script([str(REPO / ".venv/bin/python"), "train_pretrain.py", "--max_stepz", "3"], timeout=120)
     assert result.returncode != 0
     assert "unknown key 'max_stepz'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigusr1_or_stop_file_checkpoints_and_exits_and_the_rerun_finishes(pretrain_args, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "preempted"
+    args = [sys.executable, "train_pretrain.py", *pretrain_args(out, max_steps=400, micro_batch_size=2, grad_accum=1)]
+
+    def run_until_step(n, interrupt):
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(f"step {n}/"):
+                interrupt(proc)
+        assert proc.wait(timeout=120) == 0, "".join(lines[-30:])
+        return "".join(lines)
+
+    log = run_until_step(3, lambda p: p.send_signal(signal.SIGUSR1))
+    assert "stop requested" in log and not (out / "final").exists()
+    first = int(next((out / "checkpoints").glob("step_*")).name.split("_")[1])
+    assert first >= 3
+
+    log = run_until_step(first + 2, lambda p: (out / "STOP").touch())
+    assert f"resumed from" in log and "stop requested" in log
+    second = max(int(d.name.split("_")[1]) for d in (out / "checkpoints").glob("step_*"))
+    assert second > first and not (out / "final").exists()
