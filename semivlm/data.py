@@ -1,0 +1,94 @@
+"""Records shared by the data-prep scripts and the trainers: JSONL I/O with errors that name file and line,
+the micrograph categories, and the multimodal record format of ../shared/DESIGN.md.
+
+Multimodal record (one JSONL line):
+    {"id", "images": ["rel/path.png"],
+     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ...}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": ...}]}],
+     "meta": {"task": "caption" | "vqa" | "classify" | "instruction", ...}}
+Image paths are relative to the JSONL file's directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+# The 10 categories of the public SEM dataset of Aversa et al. (2018): id -> how a person names it
+CATEGORIES = {
+    "biological": "biological sample",
+    "fibres": "fibres",
+    "films_coated_surface": "film or coated surface",
+    "mems_devices_electrodes": "MEMS device or electrode",
+    "nanowires": "nanowires",
+    "particles": "particles",
+    "patterned_surface": "patterned surface",
+    "porous_sponge": "porous sponge",
+    "powder": "powder",
+    "tips": "tips",
+}
+
+
+class RecordError(ValueError):
+    """A bad input record; the message names the file and line (or record id)."""
+
+
+def read_jsonl(path: str | Path, skip_bad: bool = False, counts: dict | None = None) -> Iterator[dict]:
+    """Yield the objects of a JSONL file. A line that is not a JSON object raises RecordError naming file:line,
+    or, with skip_bad, is skipped and counted in counts["bad_json"]."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: file does not exist")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if not skip_bad:
+                    raise RecordError(f"{path}:{lineno}: not a JSON object ({e})") from None
+                if counts is not None:
+                    counts["bad_json"] = counts.get("bad_json", 0) + 1
+                continue
+            yield obj
+
+
+def write_jsonl_atomic(path: str | Path, rows) -> int:
+    """Write all rows to a temporary file, then rename over `path`: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return n
+
+
+def append_jsonl(f, row: dict) -> None:
+    """Append one row to an open file and flush it, so an interrupted run keeps every finished row."""
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+
+
+def image_record(record_id: str, image: str, question: str, answer: str, meta: dict) -> dict:
+    """One image, one user question, one assistant answer, in the typed-content message format."""
+    return {"id": record_id, "images": [image],
+            "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            "meta": meta}
+
+
+def text_record(record_id: str, prompt: str, response: str, meta: dict) -> dict:
+    return {"id": record_id, "images": [],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": response}]}],
+            "meta": meta}
