@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: setup
-	$(PY) data_prep/build_corpus.py --out $(RUN)/corpus
+	$(PY) data_prep/build_corpus.py --config launch/configs/debug/corpus.yaml --out $(RUN)/corpus
 	$(PY) train_pretrain.py --config launch/configs/debug/pretrain.yaml --output_dir $(RUN)/pretrain
 
 clean:

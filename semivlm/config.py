@@ -49,6 +49,8 @@ def _coerce(value, annotation, key: str, origin: str):
             return value
         raise ConfigError(f"{origin}: key '{key}' must be one of {list(args)}, got {value!r}")
     if kind in (list, tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `--inputs /data/papers` means a list of one
         if isinstance(value, (list, tuple)):
             inner = args[0] if args else object
             items = [_coerce(v, inner, key, origin) if inner is not object else v for v in value]

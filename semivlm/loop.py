@@ -123,10 +123,10 @@ def zero_stage(accelerator) -> int:
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Best of a few large matmuls: the ceiling MFU is quoted against where no datasheet figure applies."""
-    n = 2048 if device.type == "cuda" else 512
+    n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(8):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ def test_command_line_overrides_yaml_which_overrides_defaults(tmp_path):
     assert cfg.max_steps == 7 and cfg.tensorboard is True and cfg.targets == ["a", "b"]
     assert cfg.model_config == {"hidden_size": 64}
     assert load_config(Example, ["--output_dir=001"]).output_dir == "001"
+    assert load_config(Example, ["--targets", "/data/papers"]).targets == ["/data/papers"]
 
 
 def test_unknown_yaml_key_names_the_file_and_key(tmp_path):

@@ -253,3 +253,21 @@ def test_sigusr1_or_stop_file_checkpoints_and_exits_and_the_rerun_finishes(pretr
     assert f"resumed from" in log and "stop requested" in log
     second = max(int(d.name.split("_")[1]) for d in (out / "checkpoints").glob("step_*"))
     assert second > first and not (out / "final").exists()
+
+
+def test_debug_recipe_pretraining_lowers_heldout_perplexity_well_below_the_initial_model(tmp_path):
+    """The real debug configs on the built-in corpus, shortened: the corpus builder, then train_pretrain.py."""
+    from data_prep.build_corpus import CorpusConfig
+    from data_prep.build_corpus import main as build_corpus
+
+    corpus = tmp_path / "corpus"
+    build_corpus(load_config(CorpusConfig, ["--config", str(REPO / "launch/configs/debug/corpus.yaml"),
+                                            "--out", str(corpus)]))
+    result = run_in_process(["--config", str(REPO / "launch/configs/debug/pretrain.yaml"),
+                             "--output_dir", str(tmp_path / "pretrain"), "--tokenizer", str(corpus / "tokenizer"),
+                             "--train_data", str(corpus / "train"), "--eval_data", str(corpus / "validation"),
+                             "--max_steps", "60", "--eval_every", "0", "--save_every", "0",
+                             "--ds_config", str(REPO / "ds_configs/zero3_fp32.json")])
+    ppl = [h["eval_ppl"] for h in result["history"] if "eval_ppl" in h]
+    assert ppl[0] > 1000  # a random model is about as unsure as the 2048-token vocabulary
+    assert ppl[-1] < ppl[0] / 3, ppl
