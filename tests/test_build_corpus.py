@@ -220,7 +220,7 @@ def test_unknown_config_key_and_missing_out_stop_with_messages_naming_them(tmp_p
 
 
 def test_command_line_accepts_one_input_path_or_a_list():
-    assert load_config(CorpusConfig, ["--out", "o", "--inputs", "/data/papers"]).inputs == "/data/papers"
+    assert load_config(CorpusConfig, ["--out", "o", "--inputs", "/data/papers"]).inputs == ["/data/papers"]
     assert load_config(CorpusConfig, ["--out", "o", "--inputs", "[a, b]"]).inputs == ["a", "b"]
 
 
