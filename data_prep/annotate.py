@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 from semivlm.config import ConfigError, load_config, save_config
 from semivlm.data import CATEGORIES, RecordError, append_jsonl, image_record, read_jsonl, write_jsonl_atomic
-from semivlm.captions import describe_image, fmt_length, parse_lengths_nm
+from semivlm.captions import describe_image, parse_lengths_nm
+from semivlm.data import fmt_length
 from semivlm.teacher import (QUESTION_TYPES, FatalTeacherError, ImageAnnotation, TeacherError, read_prompt, redact,
                              render, repair_jsonl)
 

@@ -8,7 +8,7 @@ import math
 import random
 import re
 
-from semivlm.data import CATEGORIES
+from semivlm.data import CATEGORIES, fmt_length
 
 # Captions and question-answer pairs written from the ground truth of synthetic images (docs/manifest.md), seeded per
 # image id. Many paraphrases per sentence so that a small model cannot memorise one string.
@@ -50,12 +50,6 @@ MODALITY_LONG = {"SEM": "scanning electron microscopy", "TEM": "transmission ele
 NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 LENGTH_RE = re.compile(r"(\d+(?:[.,]\d+)?)\s*(nm|µm|μm|um|microns?|Å)\b", re.I)
 
-
-def fmt_length(nm: float) -> str:
-    """A length in nm written with sensible rounding: 4.2 nm, 48 nm, 1.25 µm."""
-    if nm >= 1000:
-        return f"{nm / 1000:.2f}".rstrip("0").rstrip(".") + " µm"
-    return f"{nm:.0f} nm" if nm >= 10 else f"{nm:.1f} nm"
 
 
 def parse_lengths_nm(text: str) -> list[float]:

@@ -30,6 +30,13 @@ CATEGORIES = {
 }
 
 
+def fmt_length(nm: float) -> str:
+    """A length in nm as people write it: 0.5 nm, 4.2 nm, 48 nm, 200 nm, 1.25 µm, 2 µm."""
+    if nm >= 1000:
+        return f"{nm / 1000:.2f}".rstrip("0").rstrip(".") + " µm"
+    return f"{nm:.0f} nm" if nm >= 10 else f"{nm:.1f}".rstrip("0").rstrip(".") + " nm"
+
+
 class RecordError(ValueError):
     """A bad input record; the message names the file and line (or record id)."""
 
