@@ -17,9 +17,15 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# the stages built so far, on the built-in corpus and synthetic micrographs (offline teachers)
 demo: setup
 	$(PY) data_prep/build_corpus.py --config launch/configs/debug/corpus.yaml --out $(RUN)/corpus
-	$(PY) train_pretrain.py --config launch/configs/debug/pretrain.yaml --output_dir $(RUN)/pretrain
+	$(PY) data_prep/synth_micrographs.py --config launch/configs/debug/micrographs.yaml --out $(RUN)/micrographs
+	$(PY) data_prep/annotate.py --teacher metadata --manifest $(RUN)/micrographs/manifest.jsonl --out $(RUN)/annotations
+	$(PY) data_prep/make_instructions.py --documents $(RUN)/corpus/documents.jsonl --annotations $(RUN)/annotations \
+		--out $(RUN)/instructions
+	$(PY) train_pretrain.py --config launch/configs/debug/pretrain.yaml --output_dir $(RUN)/pretrain \
+		--tokenizer $(RUN)/corpus/tokenizer --train_data $(RUN)/corpus/train --eval_data $(RUN)/corpus/validation
 
 clean:
 	rm -rf runs

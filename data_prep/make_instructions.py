@@ -70,7 +70,7 @@ class InstructionsConfig:
     max_chunk_chars: int = 1500
     min_chunk_chars: int = 200
     seed: int = 0
-    preference_model: str = ""          # a model directory whose own answers become `rejected` (not implemented)
+    preference_model: str = ""          # a causal-LM directory: its own answers become `rejected` in text pairs
     skip_invalid: bool = False
 
 
@@ -292,8 +292,10 @@ def corrupt(text: str, rng: random.Random, prefer: list[str], fallback: list[str
     return None
 
 
-def preference_pairs(instructions: list[dict], annotations: str, out: Path, seed: int) -> list[dict]:
-    """Text pairs from the instructions, image pairs from annotate.py's records (ground truth) in `annotations`."""
+def preference_pairs(instructions: list[dict], annotations: str, out: Path, seed: int,
+                     model_answers: dict[str, str] | None = None) -> list[dict]:
+    """Text pairs from the instructions, image pairs from annotate.py's records (ground truth) in `annotations`.
+    `rejected` is a model's own answer where one was given and differs from the reference, else one corrupted fact."""
     by_type = {"category": ["category"], "defect": ["defect"], "yes_no": ["polarity"], "size": ["number", "unit"],
                "pitch": ["number", "unit"], None: ["number", "category"]}
     sources = [(r, None) for r in instructions]
@@ -306,7 +308,10 @@ def preference_pairs(instructions: list[dict], annotations: str, out: Path, seed
         rng, meta = random.Random(f"{seed}:{rec['id']}:pref"), rec["meta"]
         prompt = " ".join(p["text"] for p in rec["messages"][0]["content"] if p["type"] == "text")
         chosen = rec["messages"][1]["content"][0]["text"]
-        if ann is None:
+        own = (model_answers or {}).get(rec["id"], "")
+        if ann is None and own and " ".join(own.lower().split()) != " ".join(chosen.lower().split()):
+            bad = (own, "model_answer")
+        elif ann is None:
             calc = meta["kind"] == "calculation"
             bad = corrupt(chosen, rng, ["number"] if calc else ["number", "direction"], TEXT_FACTS, 1.0 if calc else .5)
         elif meta["task"] == "classify":
@@ -351,9 +356,6 @@ def main(cfg: InstructionsConfig) -> dict:
         raise ConfigError(f"unknown teacher '{cfg.teacher}'; choose one of builtin, openai")
     if not cfg.documents or not cfg.out:
         raise ConfigError("--documents (documents.jsonl from build_corpus.py) and --out are required")
-    if cfg.preference_model:
-        raise ConfigError("--preference_model (rejected answers sampled from a model) is not implemented yet; "
-                          "leave it empty to use the built-in fact corruptions")
     t0, out, counts = time.time(), Path(cfg.out), Counter()
     docs = list(read_jsonl(cfg.documents, skip_bad=cfg.skip_invalid, counts=counts))
     for i, d in enumerate(docs, 1):
@@ -380,7 +382,14 @@ def main(cfg: InstructionsConfig) -> dict:
             meta = {"task": "instruction", "kind": kind, "generator": gen, "source": chunk["id"],
                     "doc_id": chunk["doc_id"], "split": chunk["split"], "teacher": cfg.teacher, **extra}
             records.append(text_record(f"{chunk['id']}.{k:02d}", prompt, response, meta))
-    prefs = preference_pairs(records, cfg.annotations, out, cfg.seed)
+    answers = None
+    if cfg.preference_model:  # image pairs keep fact corruptions: answering them needs the VLM of later stages
+        from semivlm.model import generate_text
+
+        log(f"answering {len(records)} instructions with {cfg.preference_model} for rejected text answers")
+        prompts = [" ".join(p["text"] for p in r["messages"][0]["content"] if p["type"] == "text") for r in records]
+        answers = dict(zip((r["id"] for r in records), generate_text(cfg.preference_model, prompts)))
+    prefs = preference_pairs(records, cfg.annotations, out, cfg.seed, answers)
     write_jsonl_atomic(out / "instructions.jsonl", records)
     write_jsonl_atomic(out / "preferences.jsonl", prefs)
     write_jsonl_atomic(out / "failures.jsonl", failures)

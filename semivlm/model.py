@@ -99,3 +99,24 @@ def flops_per_token(model, seq_len: int) -> float:
         total += numel(embed.weight)
         trainable += numel(embed.weight) if embed.weight.requires_grad else 0
     return 4.0 * total + 2.0 * trainable + 12.0 * layers * hidden * seq_len
+
+
+@torch.no_grad()
+def generate_text(model_dir: str, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8) -> list[str]:
+    """Greedy answers of a causal LM directory to user prompts, through its chat template when it has one."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(model_dir)
+    tok.padding_side = "left"  # generation continues from the right edge of every row
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot load model '{model_dir}': {str(e).splitlines()[0]}") from None
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             if tok.chat_template else p + "\n" for p in prompts]
+    answers = []
+    for i in range(0, len(texts), batch_size):
+        batch = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        answers += tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [a.strip() for a in answers]

@@ -163,5 +163,24 @@ def test_bad_inputs_give_clear_errors(documents, tmp_path):
         main(InstructionsConfig(documents=str(tmp_path / "nope.jsonl"), out=str(tmp_path / "out")))
     with pytest.raises(ConfigError, match="unknown teacher 'gpt'"):
         main(InstructionsConfig(teacher="gpt", documents=str(documents), out=str(tmp_path / "out")))
-    with pytest.raises(ConfigError, match="not implemented"):
-        main(InstructionsConfig(documents=str(documents), out=str(tmp_path / "out"), preference_model="/m"))
+    with pytest.raises(SystemExit, match="init_from directory|tokenizer directory '/nonexistent/m' does not exist"):
+        main(InstructionsConfig(documents=str(documents), out=str(tmp_path / "out"), preference_model="/nonexistent/m"))
+
+
+def test_a_models_own_answers_become_the_rejected_side_of_text_pairs(documents, tmp_path, tiny_model_dir, tiny_blocks):
+    import shutil
+
+    from semivlm.model import generate_text
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for f in (tiny_blocks / "tokenizer").iterdir():
+        shutil.copy(f, model)
+    few = tmp_path / "few.jsonl"  # two short documents keep generation to a few seconds
+    write_jsonl_atomic(few, [{**d, "text": d["text"][:1500]} for d in list(read_jsonl(documents))[:2]])
+    main(InstructionsConfig(documents=str(few), out=str(tmp_path / "out"), preference_model=str(model)))
+    prefs = list(read_jsonl(tmp_path / "out/preferences.jsonl"))
+    own = [p for p in prefs if p["meta"]["corruption"] == "model_answer"]
+    assert own and all(p["rejected"] != p["chosen"] and p["rejected"] for p in own)
+    # the rejected text is exactly what the model answers to that prompt
+    assert own[0]["rejected"] == generate_text(str(model), [own[0]["prompt"]])[0]
