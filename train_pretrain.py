@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from semivlm.config import load_config  # noqa: E402
-from semivlm.loop import TrainConfig, make_accelerator, train  # noqa: E402
-from semivlm.model import apply_lora, build_causal_lm, load_tokenizer  # noqa: E402
+from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage  # noqa: E402
+from semivlm.model import (apply_liger, apply_lora, build_causal_lm, load_tokenizer,  # noqa: E402
+                           resolve_attn_implementation)
 
 
 @dataclass
@@ -71,8 +72,9 @@ def main(cfg: PretrainConfig) -> dict:
     # ---- model (built after the Accelerator so that ZeRO-3 partitions it while it is constructed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
     torch.manual_seed(cfg.seed)
-    model = build_causal_lm(cfg.init_from, cfg.model_config, len(tokenizer), accelerator.param_dtype,
-                            cfg.attn_implementation)
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    model = build_causal_lm(cfg.init_from, cfg.model_config, len(tokenizer), accelerator.param_dtype, attn)
+    accelerator.print(f"attention {attn} | liger {apply_liger(model, cfg.liger, zero_stage(accelerator))}")
     vocab = model.get_input_embeddings().num_embeddings
     top_id = int(train_blocks.data.column("input_ids").combine_chunks().flatten().to_numpy().max())
     if top_id >= vocab:

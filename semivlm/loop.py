@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -54,7 +54,8 @@ class TrainConfig:
     # read for precision and clipping when not launched under DeepSpeed; under DeepSpeed the launcher's file rules
     ds_config: str = "ds_configs/zero3.json"
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # auto = flash_attention_2 when installed on a GPU, else sdpa
+    liger: Literal["auto", "on", "off"] = "auto"  # Liger kernels: auto = when installed on a GPU
     tensorboard: bool = False
     exit_after_steps: int = 0  # checkpoint and exit 0 after this many steps of this invocation (time-sliced jobs)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = datasheet for known GPUs, else a measured matmul ceiling

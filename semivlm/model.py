@@ -120,3 +120,38 @@ def generate_text(model_dir: str, prompts: list[str], max_new_tokens: int = 128,
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         answers += tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """`auto`: flash-attn 2 when it is installed and a GPU is present, else PyTorch SDPA."""
+    import importlib.util
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def apply_liger(model, mode: str, zero_stage: int) -> str:
+    """Swap in Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) when asked and possible.
+
+    `auto` applies them on a GPU when liger-kernel is installed; `on` insists. Under ZeRO-3 the fused linear
+    cross-entropy is left out: it reads lm_head.weight inside the top-level forward, where ZeRO-3 has not
+    gathered it, so plain Liger cross-entropy is used instead. Returns what was applied, for the log.
+    """
+    import importlib.util
+
+    if mode == "off":
+        return "off"
+    available = importlib.util.find_spec("liger_kernel") is not None
+    if not (available and torch.cuda.is_available()):
+        if mode == "on":
+            raise SystemExit("liger: 'on' needs liger-kernel installed (pip install '.[gpu]') and a CUDA GPU")
+        return "off (" + ("no GPU" if available else "liger-kernel not installed") + ")"
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    fused = zero_stage < 3
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=fused, cross_entropy=not fused)
+    return "on" + ("" if fused else " (no fused linear cross-entropy under ZeRO-3)")

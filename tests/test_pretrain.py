@@ -271,3 +271,23 @@ def test_debug_recipe_pretraining_lowers_heldout_perplexity_well_below_the_initi
     ppl = [h["eval_ppl"] for h in result["history"] if "eval_ppl" in h]
     assert ppl[0] > 1000  # a random model is about as unsure as the 2048-token vocabulary
     assert ppl[-1] < ppl[0] / 3, ppl
+
+
+def test_fast_paths_are_used_when_present_and_refused_clearly_when_demanded_but_missing(monkeypatch):
+    import importlib.util
+
+    from semivlm.model import apply_liger, resolve_attn_implementation
+
+    assert resolve_attn_implementation("eager") == "eager"
+    assert resolve_attn_implementation("auto") == "sdpa"  # this machine: no GPU
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert resolve_attn_implementation("auto") == "flash_attention_2"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
+    assert apply_liger(None, "auto", 0) == "off (liger-kernel not installed)"
+    with pytest.raises(SystemExit, match="liger: 'on' needs liger-kernel installed"):
+        apply_liger(None, "on", 0)
+    assert apply_liger(None, "off", 3) == "off"
