@@ -10,6 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
 
@@ -72,24 +74,29 @@ def load_trainer_state(checkpoint: Path) -> dict:
         raise SystemExit(f"checkpoint '{checkpoint}' is corrupt: cannot read {TRAINER_STATE} ({e})") from None
 
 
-def _plain_model_from_config(config):
-    """Instantiate a model on this process alone, even while a ZeRO-3 config is active for the run."""
+def _plain_model(config=None, pretrained: str | None = None):
+    """A full-precision model on this process alone (from a config, or from_pretrained without quantisation), even
+    while a ZeRO-3 config is active for the run."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import deepspeed as hf_ds
 
     saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds._hf_deepspeed_config_weak_ref = None  # otherwise from_config would partition (and wait for other ranks)
+    hf_ds._hf_deepspeed_config_weak_ref = None  # otherwise construction would partition (and wait for other ranks)
     try:
+        if pretrained:
+            return AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
         return AutoModelForCausalLM.from_config(config)
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
-def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lora_config=None) -> Path:
+def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lora_config=None,
+                 base_for_merge: str | None = None) -> Path:
     """Gather the (possibly ZeRO-3-sharded) weights and write a plain `save_pretrained` directory, atomically.
 
     LoRA runs are exported merged, so the result loads with `AutoModelForCausalLM.from_pretrained` and serves
-    without PEFT.
+    without PEFT; the adapter itself is kept in `output_dir/adapter` (PEFT format, e.g. for vLLM's LoRA serving). QLoRA adapters were trained on a quantised base: `base_for_merge` names the unquantised base
+    they are merged onto (only the adapter weights are taken from the run).
     """
     out, tmp = final_dir(output_dir), Path(output_dir) / ".tmp-final"
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank must call it
@@ -99,9 +106,20 @@ def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lo
         if lora_config is not None:
             from peft import get_peft_model
 
-            base_config = unwrapped.get_base_model().config
-            plain = get_peft_model(_plain_model_from_config(base_config), lora_config)
-            plain.load_state_dict(state_dict)  # strict: a key mismatch must not export half-trained weights
+            if base_for_merge:
+                plain = get_peft_model(_plain_model(pretrained=base_for_merge), lora_config)
+                lora_keys = {k for k in plain.state_dict() if "lora_" in k}
+                if missing := sorted(lora_keys - set(state_dict)):
+                    raise RuntimeError(f"LoRA export: adapter weights missing from the run: {missing[:3]}")
+                plain.load_state_dict({k: state_dict[k] for k in lora_keys}, strict=False)
+            else:
+                plain = get_peft_model(_plain_model(config=unwrapped.get_base_model().config), lora_config)
+                plain.load_state_dict(state_dict)  # strict: a key mismatch must not export half-trained weights
+            adapter, adapter_tmp = Path(output_dir) / "adapter", Path(output_dir) / ".tmp-adapter"
+            shutil.rmtree(adapter_tmp, ignore_errors=True)
+            plain.save_pretrained(adapter_tmp)
+            shutil.rmtree(adapter, ignore_errors=True)
+            adapter_tmp.rename(adapter)
             merged = plain.merge_and_unload()
             merged.save_pretrained(tmp, safe_serialization=True)
         else:

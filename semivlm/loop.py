@@ -178,16 +178,23 @@ def default_param_groups(model, weight_decay: float) -> list[dict]:
 # ---------------------------------------------------------------- data order
 
 class StepBatches:
-    """The micro-batches this rank runs for optimizer step `step`."""
+    """The micro-batches this rank runs for optimizer step `step`.
 
-    def __init__(self, dataset, collate, cfg: TrainConfig, world: int, rank: int):
+    Samples come from an endless sequence of per-epoch permutations (`permutation(epoch)`, random by default, or
+    e.g. length-grouped), consumed in order by step, micro-batch and rank: resuming at a step needs only its number.
+    """
+
+    def __init__(self, dataset, collate, cfg: TrainConfig, world: int, rank: int,
+                 permutation: Callable[[int], np.ndarray] | None = None):
         self.dataset, self.collate, self.cfg, self.world, self.rank = dataset, collate, cfg, world, rank
+        self.permutation = permutation or (lambda epoch: np.random.default_rng((cfg.seed, epoch)).permutation(
+            len(dataset)))
         self._perm_cache: dict[int, np.ndarray] = {}
 
     def _index(self, pos: int) -> int:
         epoch, i = divmod(pos, len(self.dataset))
         if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng((self.cfg.seed, epoch)).permutation(len(self.dataset))}
+            self._perm_cache = {epoch: self.permutation(epoch)}
         return int(self._perm_cache[epoch][i])
 
     def __call__(self, step: int) -> list[dict]:
@@ -202,17 +209,27 @@ class StepBatches:
 
 # ---------------------------------------------------------------- loss
 
+def model_inputs(batch: dict) -> dict:
+    """Keys starting with "_" carry bookkeeping for the loop (token and item counts), never model inputs."""
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
 def causal_lm_loss(model, batch: dict, num_items: float) -> tuple[torch.Tensor, dict]:
     """Summed token cross-entropy divided by `num_items` (HF's own loss path, so Liger/fused variants apply)."""
-    out = model(**batch, num_items_in_batch=num_items, use_cache=False)
+    out = model(**model_inputs(batch), num_items_in_batch=num_items, use_cache=False)
     return out.loss, {}
 
 
 def supervised_tokens(batch: dict) -> int:
+    """What the loss averages over: supervised tokens, or `_n_items` (e.g. preference pairs) when the batch says."""
+    if "_n_items" in batch:
+        return int(batch["_n_items"])
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def input_tokens(batch: dict) -> int:
+    if "_n_tokens" in batch:
+        return int(batch["_n_tokens"])
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None and mask.dim() == 2 else int(batch["input_ids"].numel())
 
@@ -255,8 +272,12 @@ class _StopRequest:
 
 def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_dataset, collate: Callable,
           loss_fn: Callable = causal_lm_loss, param_groups: list[dict] | None = None, lora_config=None,
-          seq_len: int | None = None) -> dict:
-    """Train `model` for cfg.max_steps optimizer steps; returns {"history": [...], "final_dir": path | None}."""
+          seq_len: int | None = None, permutation: Callable[[int], np.ndarray] | None = None,
+          on_start: Callable | None = None, base_for_merge: str | None = None) -> dict:
+    """Train `model` for cfg.max_steps optimizer steps; returns {"history": [...], "final_dir": path | None}.
+
+    `permutation(epoch)` orders the samples (default: random per epoch); `on_start(model, accelerator)` runs on
+    every rank after prepare() and resume, before the first step (e.g. DPO reference log-probs)."""
     out = Path(cfg.output_dir)
     main = accelerator.is_main_process
     log = accelerator.print
@@ -323,12 +344,14 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
             for k, v in metrics.items():
                 writer.add_scalar(k, v, step)
 
+    if on_start is not None:
+        on_start(model, accelerator)
     if start_step == 0 and eval_dataset is not None:
         metrics = evaluate(model, accelerator, eval_dataset, collate, cfg, loss_fn)
         record(0, metrics)
         log(f"eval step 0 | loss {metrics['eval_loss']:.4f} | ppl {metrics['eval_ppl']:.2f}")
 
-    batches_for = StepBatches(train_dataset, collate, cfg, world, accelerator.process_index)
+    batches_for = StepBatches(train_dataset, collate, cfg, world, accelerator.process_index, permutation)
     model.train()
     step, stopped_early, t_start = start_step, False, time.perf_counter()
     while step < cfg.max_steps:
@@ -394,7 +417,7 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
 
     final = None
     if not stopped_early:
-        final = ckpt.export_final(accelerator, model, tokenizer, out, run_config, lora_config)
+        final = ckpt.export_final(accelerator, model, tokenizer, out, run_config, lora_config, base_for_merge)
         if main:
             (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         log(f"exported {final}")
