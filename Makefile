@@ -26,6 +26,10 @@ demo: setup
 		--out $(RUN)/instructions
 	$(PY) train_pretrain.py --config launch/configs/debug/pretrain.yaml --output_dir $(RUN)/pretrain \
 		--tokenizer $(RUN)/corpus/tokenizer --train_data $(RUN)/corpus/train --eval_data $(RUN)/corpus/validation
+	$(PY) train_sft.py --config launch/configs/debug/sft.yaml --output_dir $(RUN)/sft \
+		--init_from $(RUN)/pretrain/final --train_data $(RUN)/instructions/instructions.jsonl
+	$(PY) train_sft.py --config launch/configs/debug/dpo.yaml --output_dir $(RUN)/dpo \
+		--init_from $(RUN)/sft/final --train_data $(RUN)/instructions/preferences.jsonl
 
 clean:
 	rm -rf runs

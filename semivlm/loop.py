@@ -242,18 +242,36 @@ def evaluate(model, accelerator, dataset, collate, cfg: TrainConfig, loss_fn=cau
     n = min(len(dataset), cfg.eval_batches * micro * world)
     rounds = math.ceil(n / (micro * world))
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    extra_sums: dict[str, float] = {}  # loss_fn extras (e.g. DPO reward margin), weighted like the loss
     for r in range(rounds):
         idx = [i for i in range((r * world + rank) * micro, (r * world + rank + 1) * micro) if i < n]
         weight = 1.0 if idx else 0.0
         batch = collate([dataset[i] for i in (idx or [0])])  # a rank without data still joins the collectives
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         tokens = supervised_tokens(batch)
-        loss, _ = loss_fn(model, batch, 1.0)  # summed over tokens
+        loss, extras = loss_fn(model, batch, 1.0)  # summed over tokens
         totals += torch.tensor([float(loss) * weight, tokens * weight], dtype=torch.float64, device=totals.device)
+        for k, v in (extras or {}).items():
+            extra_sums[k] = extra_sums.get(k, 0.0) + float(v) * tokens * weight
+    keys = sorted(extra_sums)
+    totals = torch.cat([totals, torch.tensor([extra_sums[k] for k in keys], dtype=torch.float64,
+                                             device=totals.device)])
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
     mean = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(totals[1])}
+    out = {"eval_loss": mean, "eval_tokens": int(totals[1])}
+    if loss_fn is causal_lm_loss:  # perplexity only means something for the token-level LM loss
+        out["eval_ppl"] = math.exp(min(mean, 50.0))
+    out.update({f"eval_{k}": float(totals[2 + i] / totals[1]) if totals[1] > 0 else float("nan")
+                for i, k in enumerate(keys)})
+    return out
+
+
+def eval_line(step: int, metrics: dict) -> str:
+    ppl = f" | ppl {metrics['eval_ppl']:.2f}" if "eval_ppl" in metrics else ""
+    extra = "".join(f" | {k[5:]} {v:.4f}" for k, v in metrics.items()
+                    if k not in ("eval_loss", "eval_ppl", "eval_tokens"))
+    return f"eval step {step} | loss {metrics['eval_loss']:.4f}{ppl}{extra}"
 
 
 # ---------------------------------------------------------------- the loop
@@ -349,7 +367,7 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     if start_step == 0 and eval_dataset is not None:
         metrics = evaluate(model, accelerator, eval_dataset, collate, cfg, loss_fn)
         record(0, metrics)
-        log(f"eval step 0 | loss {metrics['eval_loss']:.4f} | ppl {metrics['eval_ppl']:.2f}")
+        log(eval_line(0, metrics))
 
     batches_for = StepBatches(train_dataset, collate, cfg, world, accelerator.process_index, permutation)
     model.train()
@@ -404,7 +422,7 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         if eval_dataset is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             em = evaluate(model, accelerator, eval_dataset, collate, cfg, loss_fn)
             record(step, em)
-            log(f"eval step {step} | loss {em['eval_loss']:.4f} | ppl {em['eval_ppl']:.2f}")
+            log(eval_line(step, em))
         stop_now = bool(counts[2] > 0) or (cfg.exit_after_steps and step - start_step >= cfg.exit_after_steps)
         if (cfg.save_every and step % cfg.save_every == 0) or (stop_now and step < cfg.max_steps):
             path = ckpt.save_checkpoint(accelerator, out, step, {"step": step, "history": history}, run_config,
