@@ -6,6 +6,7 @@ main process after a barrier. A rename within one directory is atomic, so a job 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -42,8 +43,10 @@ def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
     return removed
 
 
-def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, run_config: dict, keep: int) -> Path:
-    """Save model, optimizer, scheduler and RNG state of every rank; visible only once complete."""
+def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, run_config: dict, keep: int,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Save model, optimizer, scheduler and RNG state of every rank; visible only once complete.
+    `extra_files` ({name: text}, e.g. routing statistics) are written inside before it becomes visible."""
     root = checkpoint_root(output_dir)
     tmp, final = root / f".tmp-step_{step:07d}", root / f"step_{step:07d}"
     if accelerator.is_main_process:
@@ -54,6 +57,8 @@ def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, run
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         # written last: its presence is what marks the directory as a usable checkpoint
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         if final.exists():
@@ -74,24 +79,31 @@ def load_trainer_state(checkpoint: Path) -> dict:
         raise SystemExit(f"checkpoint '{checkpoint}' is corrupt: cannot read {TRAINER_STATE} ({e})") from None
 
 
-def _plain_model(config=None, pretrained: str | None = None):
-    """A full-precision model on this process alone (from a config, or from_pretrained without quantisation), even
-    while a ZeRO-3 config is active for the run."""
-    from transformers import AutoModelForCausalLM
+@contextlib.contextmanager
+def unpartitioned():
+    """Models built inside are whole, on this process alone, even while the run's ZeRO-3 config is active
+    (otherwise construction would partition them and wait for the other ranks)."""
     from transformers.integrations import deepspeed as hf_ds
 
     saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds._hf_deepspeed_config_weak_ref = None  # otherwise construction would partition (and wait for other ranks)
+    hf_ds._hf_deepspeed_config_weak_ref = None
     try:
-        if pretrained:
-            return AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
-        return AutoModelForCausalLM.from_config(config)
+        yield
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
+def _plain_model(model_class, config=None, pretrained: str | None = None):
+    """A full-precision model of `model_class` (causal LM or VLM) from a config, or from_pretrained without
+    quantisation, on this process alone."""
+    with unpartitioned():
+        if pretrained:
+            return model_class.from_pretrained(pretrained, dtype=torch.float32)
+        return model_class._from_config(config)
+
+
 def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lora_config=None,
-                 base_for_merge: str | None = None) -> Path:
+                 base_for_merge: str | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Gather the (possibly ZeRO-3-sharded) weights and write a plain `save_pretrained` directory, atomically.
 
     LoRA runs are exported merged, so the result loads with `AutoModelForCausalLM.from_pretrained` and serves
@@ -107,13 +119,15 @@ def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lo
             from peft import get_peft_model
 
             if base_for_merge:
-                plain = get_peft_model(_plain_model(pretrained=base_for_merge), lora_config)
+                base_class = type(unwrapped.get_base_model())
+                plain = get_peft_model(_plain_model(base_class, pretrained=base_for_merge), lora_config)
                 lora_keys = {k for k in plain.state_dict() if "lora_" in k}
                 if missing := sorted(lora_keys - set(state_dict)):
                     raise RuntimeError(f"LoRA export: adapter weights missing from the run: {missing[:3]}")
                 plain.load_state_dict({k: state_dict[k] for k in lora_keys}, strict=False)
             else:
-                plain = get_peft_model(_plain_model(config=unwrapped.get_base_model().config), lora_config)
+                base = unwrapped.get_base_model()
+                plain = get_peft_model(_plain_model(type(base), config=base.config), lora_config)
                 plain.load_state_dict(state_dict)  # strict: a key mismatch must not export half-trained weights
             adapter, adapter_tmp = Path(output_dir) / "adapter", Path(output_dir) / ".tmp-adapter"
             shutil.rmtree(adapter_tmp, ignore_errors=True)
@@ -127,6 +141,8 @@ def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lo
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

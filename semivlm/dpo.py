@@ -130,7 +130,10 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict:
 # ---------------------------------------------------------------- the loop's loss_fn
 
 def _forward_logps(model, batch: dict) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    # image pairs (train_moe.py) carry pixel_values for their 2B rows; text pairs do not
+    extra = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **extra).logits
     return sequence_logps(logits, batch["labels"])
 
 

@@ -291,11 +291,14 @@ class _StopRequest:
 def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_dataset, collate: Callable,
           loss_fn: Callable = causal_lm_loss, param_groups: list[dict] | None = None, lora_config=None,
           seq_len: int | None = None, permutation: Callable[[int], np.ndarray] | None = None,
-          on_start: Callable | None = None, base_for_merge: str | None = None) -> dict:
+          on_start: Callable | None = None, base_for_merge: str | None = None,
+          artifacts: Callable[[], dict[str, str]] | None = None) -> dict:
     """Train `model` for cfg.max_steps optimizer steps; returns {"history": [...], "final_dir": path | None}.
 
     `permutation(epoch)` orders the samples (default: random per epoch); `on_start(model, accelerator)` runs on
-    every rank after prepare() and resume, before the first step (e.g. DPO reference log-probs)."""
+    every rank after prepare() and resume, before the first step (e.g. DPO reference log-probs); `artifacts()`,
+    called on every rank at each save, returns {file name: text} written into the checkpoint and the export
+    (e.g. routing statistics)."""
     out = Path(cfg.output_dir)
     main = accelerator.is_main_process
     log = accelerator.print
@@ -426,7 +429,7 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         stop_now = bool(counts[2] > 0) or (cfg.exit_after_steps and step - start_step >= cfg.exit_after_steps)
         if (cfg.save_every and step % cfg.save_every == 0) or (stop_now and step < cfg.max_steps):
             path = ckpt.save_checkpoint(accelerator, out, step, {"step": step, "history": history}, run_config,
-                                        cfg.keep_checkpoints)
+                                        cfg.keep_checkpoints, artifacts() if artifacts else None)
             log(f"saved checkpoint {path}")
         if stop_now and step < cfg.max_steps:
             log(f"stop requested: checkpointed at step {step}; rerun the same command to resume")
@@ -435,7 +438,8 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
 
     final = None
     if not stopped_early:
-        final = ckpt.export_final(accelerator, model, tokenizer, out, run_config, lora_config, base_for_merge)
+        final = ckpt.export_final(accelerator, model, tokenizer, out, run_config, lora_config, base_for_merge,
+                                  artifacts() if artifacts else None)
         if main:
             (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         log(f"exported {final}")

@@ -82,17 +82,22 @@ def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token: forward 2N, activation gradients 2N, weight gradients 2N only where trainable.
 
     Embedding lookups cost no matmul FLOPs; the attention score/value matmuls add 12·layers·hidden·seq
-    (forward + backward), as in the PaLM/Megatron MFU accounting.
+    (forward + backward), as in the PaLM/Megatron MFU accounting. MoE experts count with the share a token
+    actually uses (top_k / num_experts). A VLM's vision tower runs per image, not per token: it is left out, so
+    a VLM's MFU is that of its projector and language model (a slight underestimate).
     """
     embed = model.get_input_embeddings()
     embed_ids = {id(p) for p in embed.parameters()}
-    total, trainable = 0, 0
-    for p in model.parameters():
-        if id(p) in embed_ids:
-            continue
-        total += numel(p)
-        trainable += numel(p) if p.requires_grad else 0
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
+    active = getattr(cfg, "num_experts_per_tok", 0) / n_experts if n_experts else 1.0
+    total, trainable = 0.0, 0.0
+    for name, p in model.named_parameters():
+        if id(p) in embed_ids or "vision_tower" in name:
+            continue
+        share = active if ".experts." in name else 1.0
+        total += numel(p) * share
+        trainable += numel(p) * share if p.requires_grad else 0
     layers, hidden = getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0)
     # tied lm_head shares the embedding matrix but still costs a matmul
     if getattr(cfg, "tie_word_embeddings", False):
