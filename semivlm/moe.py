@@ -1,0 +1,379 @@
+"""Stage III of MoE-LLaVA as plain Hugging Face MoE models: sparse upcycling, routing telemetry, auxiliary losses.
+
+`upcycle` turns a dense decoder (a causal LM, or the text half of a Llava) into the matching transformers MoE
+architecture (llama, mistral -> mixtral; qwen3 -> qwen3_moe; qwen2 -> qwen2_moe), each expert a copy of its layer's
+FFN. The copy is exact because these routers renormalise the top-k weights to sum to 1 (sum_k w_k FFN(x) = FFN(x)),
+provided every config field is carried over (MixtralConfig defaults rope_theta=1e6, Llama 1e4): `uncarried_fields`.
+Fused layout in transformers 5.17, the same for the three MoE classes: `mlp.experts.gate_up_proj` (E, 2I, H) =
+cat(gate_proj.weight, up_proj.weight), `mlp.experts.down_proj` (E, H, I), router `mlp.gate.weight` (E, H), whose
+module returns (logits, top-k weights, top-k indices).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from functools import partial
+
+import torch
+
+# dense model_type -> MoE model_type
+MOE_FAMILY = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
+
+# Dense fields the MoE config class has no field for. Dropping each is exact only because `moe_text_config`
+# refuses the values that would matter; every other dense field must reappear unchanged (`uncarried_fields`).
+DROPPED_FIELDS = {"llama": {"mlp_bias", "attention_bias",  # must be False: Mixtral has no such biases
+                             "pretraining_tp"},  # read by no transformers 5 modelling code
+                   "mistral": set(), "qwen3": set(), "qwen2": set()}
+# Bookkeeping, rewritten on construction or save. Sliding-window fields are compared by what they mean per layer
+# (`sliding_windows`), because the families spell the same thing differently (Qwen2Moe stores 0 for "off").
+_BOOKKEEPING = {"architectures", "model_type", "transformers_version", "_name_or_path", "dtype"}
+_WINDOW_FIELDS = {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"}
+
+# A parameter of an MoE block: `...layers.<i>.mlp.<part>` (routers, fused experts, Qwen2Moe's empty shared expert).
+_MOE_KEY = re.compile(r"^(?P<mlp>.*\.layers\.\d+\.mlp)\.(?P<part>experts\.gate_up_proj|experts\.down_proj|gate\.weight"
+                      r"|shared_expert\.\w+\.weight|shared_expert_gate\.weight)$")
+_MOE_BLOCK = re.compile(r"layers\.(\d+)\.mlp$")
+
+
+def sliding_windows(config) -> list:
+    """Per decoder layer, the attention window in tokens (None: full attention), as the modelling code applies it."""
+    n = config.num_hidden_layers
+    if config.model_type == "llama":  # no sliding attention, whatever the config says
+        return [None] * n
+    window = getattr(config, "sliding_window", None) or None  # Qwen2Moe spells "off" as 0
+    if config.model_type in ("qwen2", "qwen3", "qwen2_moe"):  # chosen per layer by layer_types
+        return [window if t == "sliding_attention" else None for t in config.layer_types]
+    return [window] * n  # mistral, mixtral, qwen3_moe: one window for every layer
+
+
+def moe_layer_indices(config) -> list[int]:
+    """Indices of the decoder layers whose FFN is sparse under this (MoE text) config."""
+    n = config.num_hidden_layers
+    if config.model_type == "mixtral":
+        return list(range(n))
+    return [i for i in range(n) if i not in config.mlp_only_layers and (i + 1) % config.decoder_sparse_step == 0]
+
+
+def moe_text_config(dense_config, num_experts: int = 4, top_k: int = 2, moe_every: int = 1,
+                    router_aux_loss_coef: float = 0.01, router_z_loss_coef: float = 0.0):
+    """The MoE config that reproduces `dense_config` exactly, every dense field carried over.
+
+    moe_every=2 makes layers 0, 2, 4, ... sparse and the others dense (MoE-LLaVA's moe_mode="sparse",
+    range(0, L, 2)); it is spelled explicitly as `decoder_sparse_step=1, mlp_only_layers=[1, 3, ...]`.
+    Mixtral has no dense layers, so Llama/Mistral need moe_every=1. `router_z_loss_coef` is stored as a plain
+    config attribute for the training script (no HF MoE class here uses a z-loss).
+    """
+    from transformers import CONFIG_MAPPING
+
+    family = dense_config.model_type
+    if family not in MOE_FAMILY:
+        raise ValueError(f"cannot upcycle model_type '{family}': supported are {sorted(MOE_FAMILY)}")
+    if not 2 <= num_experts or not 1 <= top_k <= num_experts:
+        raise ValueError(f"need num_experts >= 2 and 1 <= top_k <= num_experts, got {num_experts=}, {top_k=}")
+    n = dense_config.num_hidden_layers
+    if not 1 <= moe_every <= n:
+        raise ValueError(f"moe_every must be between 1 and num_hidden_layers={n}, got {moe_every}")
+    target = MOE_FAMILY[family]
+    if target == "mixtral" and moe_every != 1:
+        raise ValueError(f"moe_every={moe_every} needs dense layers between the sparse ones, which Mixtral cannot "
+                         f"express (every Mixtral layer is sparse): use moe_every=1 for {family}")
+    for field in ("mlp_bias", "attention_bias"):
+        if family == "llama" and getattr(dense_config, field, False):
+            raise ValueError(f"cannot upcycle llama with {field}=True exactly: Mixtral has no {field.split('_')[0]} "
+                             f"biases")
+    windows = sliding_windows(dense_config)
+    if target in ("mixtral", "qwen3_moe") and len(set(windows)) > 1:
+        raise ValueError(f"{family} mixes full and sliding-window layers ({windows}); {target} applies one "
+                         f"window to every layer, so the copy would not be exact")
+
+    fields = {f.name for f in dataclasses.fields(CONFIG_MAPPING[target])}
+    kw = {k: v for k, v in dense_config.to_dict().items() if k in fields and k not in _BOOKKEEPING}
+    # Qwen2Moe/Qwen3Moe read head_dim with getattr (no declared field): pass it so a non-default value survives
+    if getattr(dense_config, "head_dim", None) is not None:
+        kw["head_dim"] = dense_config.head_dim
+    dense_only = [i for i in range(n) if i % moe_every != 0]
+    kw.update(output_router_logits=False, router_aux_loss_coef=router_aux_loss_coef,
+              router_z_loss_coef=router_z_loss_coef, num_experts_per_tok=top_k)
+    if target == "mixtral":  # always renormalises top-k weights
+        kw.update(num_local_experts=num_experts, router_jitter_noise=0.0, sliding_window=windows[0])
+    else:  # renormalised top-k weights are what makes the copies exact
+        kw.update(num_experts=num_experts, norm_topk_prob=True, moe_intermediate_size=dense_config.intermediate_size,
+                  decoder_sparse_step=1, mlp_only_layers=dense_only)
+    if target == "qwen3_moe":
+        kw.update(use_sliding_window=windows[0] is not None, sliding_window=windows[0])
+    if target == "qwen2_moe":
+        # Qwen2Moe adds sigmoid(gate(x)) * shared_expert(x) to the routed output. A shared expert of width 0 is an
+        # exact zero (saved as empty tensors, reloads cleanly), which leaves MoE-LLaVA's routed-only FFN. The
+        # Qwen2 dense attention always has q/k/v biases; layer_types are passed explicitly so the per-layer
+        # windows stay the dense ones (Qwen2Moe's own default pattern differs).
+        kw.update(shared_expert_intermediate_size=0, qkv_bias=True, layer_types=list(dense_config.layer_types),
+                  use_sliding_window=any(w is not None for w in windows))
+    return CONFIG_MAPPING[target](**kw)
+
+
+def uncarried_fields(dense_config, moe_config) -> list[str]:
+    """Dense config fields whose value the MoE config does not reproduce; [] when the copy can be exact.
+    DROPPED_FIELDS[family] are skipped; sliding-window fields are compared as per-layer windows."""
+    skip = _BOOKKEEPING | _WINDOW_FIELDS | DROPPED_FIELDS.get(dense_config.model_type, set())
+    moe = moe_config.to_dict()
+    missing = [k for k, v in dense_config.to_dict().items() if k not in skip and (k not in moe or moe[k] != v)]
+    if sliding_windows(dense_config) != sliding_windows(moe_config):
+        missing.append("sliding_window")
+    return missing
+
+
+def upcycle(model, num_experts: int = 4, top_k: int = 2, moe_every: int = 1, router_init_std: float = 0.01,
+            seed: int = 0, router_aux_loss_coef: float = 0.01, router_z_loss_coef: float = 0.0):
+    """A new MoE model equal to `model` (a dense *ForCausalLM, or a LlavaForConditionalGeneration around one):
+    vision tower, projector, attention, norms, embeddings and lm_head copied, every expert a copy of its layer's
+    MLP, routers N(0, router_init_std) from `seed`. Built without random init and filled tensor by tensor; a
+    weight left unfilled or unused is an error."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+    from transformers.initialization import no_init_weights
+
+    is_llava = isinstance(model, PreTrainedModel) and model.config.model_type == "llava"
+    if not is_llava and not (isinstance(model, PreTrainedModel) and type(model).__name__.endswith("ForCausalLM")):
+        raise ValueError(f"upcycle needs a *ForCausalLM or LlavaForConditionalGeneration, got {type(model).__name__}"
+                         f" (unwrap PEFT/DeepSpeed and merge any LoRA first)")
+    text_config = model.config.text_config if is_llava else model.config
+    moe_config = moe_text_config(text_config, num_experts, top_k, moe_every, router_aux_loss_coef, router_z_loss_coef)
+    if bad := uncarried_fields(text_config, moe_config):  # a bug guard: moe_text_config should never allow this
+        raise RuntimeError(f"dense config fields not carried over to {moe_config.model_type}: {bad}")
+
+    device, dtype = next(model.parameters()).device, model.dtype
+    with no_init_weights(), torch.device(device):
+        if is_llava:
+            config = copy.deepcopy(model.config)
+            config.text_config = moe_config
+            new = type(model)._from_config(config, dtype=dtype)
+        else:
+            new = AutoModelForCausalLM.from_config(moe_config, dtype=dtype)
+    new.tie_weights()  # no_init_weights also skips the tying that init_weights does (tie_word_embeddings)
+
+    src = model.state_dict()
+    used = set()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, param in new.named_parameters():  # keep each dtype, e.g. an fp32 vision tower beside a bf16 LM
+            m = _MOE_KEY.match(key)
+            ref = src.get(f"{m['mlp']}.down_proj.weight" if m else key)
+            if ref is not None and ref.dtype != param.dtype:
+                param.data = param.data.to(ref.dtype)
+        for key, dst in new.state_dict().items():  # shares storage with the new parameters
+            m = _MOE_KEY.match(key)
+            mlp, part = (m["mlp"], m["part"]) if m else (None, None)
+            if part is None:
+                if key not in src or src[key].shape != dst.shape:
+                    have = tuple(src[key].shape) if key in src else "missing"
+                    raise RuntimeError(f"upcycle: {key} {tuple(dst.shape)} has no dense source (dense: {have})")
+                dst.copy_(src[key])
+                used.add(key)
+            elif part == "experts.gate_up_proj":  # (E, 2I, H): broadcast over experts
+                gate, up = src[f"{mlp}.gate_proj.weight"], src[f"{mlp}.up_proj.weight"]
+                dst[:, : gate.shape[0]].copy_(gate)
+                dst[:, gate.shape[0]:].copy_(up)
+                used |= {f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"}
+            elif part == "experts.down_proj":  # (E, H, I)
+                dst.copy_(src[f"{mlp}.down_proj.weight"])
+                used.add(f"{mlp}.down_proj.weight")
+            elif part == "gate.weight":  # the router
+                dst.copy_(torch.randn(dst.shape, generator=gen) * router_init_std)
+            elif part == "shared_expert_gate.weight":  # Qwen2Moe: scales the width-0 (all-zero) shared expert
+                dst.zero_()
+            elif dst.numel():  # Qwen2Moe shared_expert.*: width 0, nothing to fill
+                raise RuntimeError(f"upcycle: {key} should be empty (shared expert of width 0), got {dst.shape}")
+    if unused := sorted(set(src) - used):
+        raise RuntimeError(f"upcycle: dense weights with no place in the MoE model: {unused[:8]}")
+    new.generation_config = copy.deepcopy(model.generation_config)
+    new.train(model.training)
+    return new
+
+
+def _moe_blocks(model) -> list[tuple[str, int, torch.nn.Module]]:
+    """(module name, layer index, block) of every sparse MoE block, found by name and class so that it works
+    through PEFT and DeepSpeed wrappers; an error when there is none."""
+    blocks = [(name, int(m.group(1)), module) for name, module in model.named_modules()
+              if (m := _MOE_BLOCK.search(name)) and type(module).__name__.endswith("SparseMoeBlock")]
+    if not blocks:
+        raise ValueError(f"no sparse MoE blocks (*SparseMoeBlock at layers.<i>.mlp) in {type(model).__name__}: "
+                         f"upcycle the model first")
+    return blocks
+
+
+def set_experts_implementation(model, device_type: str, requested: str = "auto") -> str:
+    """How the fused experts run: "auto" is grouped_mm on CUDA, eager elsewhere; returns the choice. Calls
+    transformers' `set_experts_implementation` on the sub-model owning the experts: on the Llava wrapper itself it
+    raises for grouped_mm (the Llava modelling file has no experts of its own)."""
+    from transformers import PreTrainedModel
+
+    choice = ("grouped_mm" if device_type == "cuda" else "eager") if requested == "auto" else requested
+    if choice not in ("eager", "grouped_mm", "batched_mm"):
+        raise ValueError(f"experts implementation '{requested}' not one of auto, eager, grouped_mm, batched_mm")
+    _moe_blocks(model)  # an error for a dense model
+    for owner in [m for m in model.modules() if isinstance(m, PreTrainedModel) and m._can_set_experts_implementation()]:
+        owner.set_experts_implementation(choice)
+    return choice
+
+
+def register_zero3_leaf_modules(model) -> list[str]:
+    """Mark the sparse-MoE block classes as ZeRO-3 leaves (else ranks routing no token to an expert hang)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted({type(block) for _, _, block in _moe_blocks(model)}, key=lambda c: c.__name__)
+    set_z3_leaf_modules(model, classes)
+    return [c.__name__ for c in classes]
+
+
+def expert_and_router_parameter_names(model) -> list[str]:
+    """Names (as in model.named_parameters()) of the router and expert weights, which stage III trains.
+    Qwen2Moe's width-0 shared expert and its gate are left out: they compute nothing. With everything before the
+    first MoE block frozen, call `model.enable_input_require_grads()`: under ZeRO-3 the backward otherwise finds
+    the expert weights still partitioned ("size of tensor a (0) must match ...")."""
+    return [f"{name}.{sub}.{p}" for name, _, block in _moe_blocks(model)
+            for sub in ("gate", "experts") for p, _ in getattr(block, sub).named_parameters()]
+
+
+def expert_lora_config(model, r: int = 16, alpha: int = 32):
+    """A PEFT LoraConfig that puts LoRA on the fused expert tensors (PEFT `target_parameters`)."""
+    from peft import LoraConfig
+
+    params = sorted({p for _, _, block in _moe_blocks(model) for p, _ in block.experts.named_parameters()})
+    if params != ["down_proj", "gate_up_proj"]:
+        raise ValueError(f"unexpected fused expert parameters {params}: expected gate_up_proj and down_proj")
+    # lora_dropout must be 0: PEFT's parameter-targeting LoRA has no dropout path
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                      target_parameters=[f"mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")])
+
+
+def load_balancing_loss(logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer's Switch/Mixtral aux loss, transformers' `load_balancing_loss_func` formula: num_experts *
+    sum_e (top-k assignments to e per token) * (mean router probability of e), padding excluded; top_k if balanced."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    w = probs.new_ones(probs.shape[0]) if token_mask is None else token_mask.float()
+    picked = torch.zeros_like(probs).scatter_(1, torch.topk(probs, top_k, dim=-1).indices, 1.0)  # (T, E) 0/1
+    n = w.sum().clamp(min=1)
+    return probs.shape[-1] * ((w @ picked / n) * (w @ probs / n)).sum()
+
+
+def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer's ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2, padding excluded."""
+    z = torch.logsumexp(logits.float(), dim=-1) ** 2
+    w = torch.ones_like(z) if token_mask is None else token_mask.float()
+    return (z * w).sum() / w.sum().clamp(min=1)
+
+
+class RouterProbe:
+    """Forward hooks on every router: differentiable aux/z losses of the current step, routing statistics of many.
+
+        probe = RouterProbe(model)                     # model may be wrapped by PEFT or DeepSpeed
+        probe.start(attention_mask, input_ids == model.config.image_token_id)
+        out = model(**batch); aux, z = probe.losses()  # each the mean over MoE layers
+        (out.loss + aux_coef * aux + z_coef * z).backward(); probe.summary()
+
+    Each router is recorded once per `start()`: activation checkpointing re-runs the routers during backward, and
+    those calls are ignored, so nothing is double counted and the losses keep the real forward's logits (which
+    non-reentrant checkpointing, the transformers 5 default, keeps differentiable). So: `start()` before every
+    forward, that step's backward before the next `start()`. Router calls while not started are ignored.
+    """
+
+    def __init__(self, model):
+        self.routers = [(layer, block.gate) for _, layer, block in _moe_blocks(model)]
+        self.num_experts, self.top_k = self.routers[0][1].num_experts, self.routers[0][1].top_k
+        self._handles = [gate.register_forward_hook(partial(self._hook, layer)) for layer, gate in self.routers]
+        self._armed, self._logits, self._mask, self._image = False, {}, None, None
+        self.reset()
+
+    def reset(self):
+        """Forget the accumulated statistics (not the current step's logits)."""
+        # kept on the device and summed there: no host sync per layer per step
+        self._counts = {}  # layer -> (3, E) top-k assignments of image, text, all tokens
+        self._tokens = {}  # layer -> (3,) image, text, all tokens
+        self._aux = {}     # layer -> (sum of per-forward aux loss, forwards)
+
+    def remove(self):
+        """Detach the hooks."""
+        for handle in self._handles:
+            handle.remove()
+
+    def start(self, attention_mask: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+              record: bool = True):
+        """Arm the probe for one forward. Masks are (batch, seq) over the LM's input positions (after Llava has
+        expanded <image>): attention_mask 1 = real token, image_mask True = image token. `record=False` gives the
+        losses without adding to the statistics (held-out evaluation)."""
+        if attention_mask is not None and image_mask is not None and attention_mask.shape != image_mask.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} and image_mask "
+                             f"{tuple(image_mask.shape)} must have the same shape")
+        self._mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
+        self._image = None if image_mask is None else image_mask.reshape(-1).bool()
+        self._logits, self._armed, self._record = {}, True, record
+
+    def _hook(self, layer, module, inputs, output):
+        if not self._armed or layer in self._logits:
+            return  # not started, or the activation-checkpointing recompute of a layer already seen
+        logits, _, indices = output
+        rows = logits.shape[0]
+        for name, mask in (("attention_mask", self._mask), ("image_mask", self._image)):
+            if mask is not None and mask.numel() != rows:
+                raise ValueError(f"RouterProbe: {name} covers {mask.numel()} positions but layer {layer}'s router "
+                                 f"saw {rows} tokens (masks must match the LM input after image expansion)")
+        self._logits[layer] = logits
+        if not self._record:
+            return
+        with torch.no_grad():
+            dev = logits.device
+            valid = torch.ones(rows, dtype=torch.bool, device=dev) if self._mask is None else self._mask.to(dev)
+            image = torch.zeros_like(valid) if self._image is None else self._image.to(dev) & valid
+            groups = torch.stack([image, valid & ~image, valid]).float()  # (3, T)
+            picked = torch.zeros(rows, self.num_experts, device=dev).scatter_(1, indices, 1.0)  # the real routing
+            aux, forwards = self._aux.get(layer, (0.0, 0))
+            self._aux[layer] = (aux + load_balancing_loss(logits, self.top_k, valid), forwards + 1)
+            self._counts[layer] = self._counts.get(layer, 0.0) + groups @ picked
+            self._tokens[layer] = self._tokens.get(layer, 0.0) + groups.sum(1)
+
+    def losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux, z) of the forward since `start()`, each the mean over MoE layers; differentiable."""
+        if not self._logits:
+            raise RuntimeError("RouterProbe: no router logits since start(): call probe.start(...) before forward")
+        aux, z = [], []
+        for layer, logits in sorted(self._logits.items()):
+            mask = None if self._mask is None else self._mask.to(logits.device)
+            aux.append(load_balancing_loss(logits, self.top_k, mask))
+            z.append(router_z_loss(logits, mask))
+        # training, routers trainable, yet no grad on the logits: the forward ran under no_grad (reentrant checkpoint)
+        first, gate = self.routers[0]
+        trainable = torch.is_grad_enabled() and gate.training and gate.weight.requires_grad
+        if trainable and first in self._logits and not self._logits[first].requires_grad:
+            raise RuntimeError("RouterProbe: router logits carry no gradient although the routers are trainable — "
+                               "reentrant activation checkpointing runs the forward without grad; use "
+                               "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+        return torch.stack(aux).mean(), torch.stack(z).mean()
+
+    def all_reduce(self, reduce) -> None:
+        """Sum the statistics over ranks in place: `reduce(tensor)` is a summing collective such as
+        `partial(accelerator.reduce, reduction="sum")`; every rank must call it, with the same MoE layers seen."""
+        for layer in sorted(self._counts):
+            dev = self._counts[layer].device
+            aux, forwards = self._aux[layer]
+            flat = torch.cat([self._counts[layer].reshape(-1), self._tokens[layer],
+                              torch.tensor([float(aux), float(forwards)], device=dev)])
+            flat = reduce(flat)
+            e = self.num_experts
+            self._counts[layer] = flat[:3 * e].reshape(3, e)
+            self._tokens[layer] = flat[3 * e:3 * e + 3]
+            self._aux[layer] = (float(flat[-2]), int(flat[-1]))
+
+    def summary(self) -> dict:
+        """JSON-able routing statistics accumulated since `reset()`. Shares are over top-k assignments (each token
+        counts top_k times) and sum to 1; a modality with no tokens gets None."""
+        layers, groups = [], ("image", "text", "all")
+        for layer in sorted(self._counts):
+            counts, tokens = self._counts[layer].tolist(), self._tokens[layer].tolist()
+            entry = {"layer": layer, **{g: [round(c / sum(row), 6) for c in row] if sum(row) else None
+                                        for g, row in zip(groups, counts)}}
+            entry["tokens"] = {g: int(n) for g, n in zip(groups, tokens)}
+            entry["aux_loss_mean"] = float(self._aux[layer][0]) / self._aux[layer][1]
+            layers.append(entry)
+        aux = [e["aux_loss_mean"] for e in layers]
+        return {"num_experts": self.num_experts, "top_k": self.top_k, "layers": layers,
+                "aux_loss_mean": sum(aux) / len(aux) if aux else None}

@@ -1,0 +1,343 @@
+"""MoE-LLaVA stages I–III on Hugging Face-native models, every stage under DeepSpeed ZeRO-3.
+
+CPU / single-GPU debug (after make_instructions.py and train_sft.py of the debug recipe; one stage after another):
+    python train_moe.py --config launch/configs/debug/projector.yaml
+    python train_moe.py --config launch/configs/debug/llm.yaml
+    python train_moe.py --config launch/configs/debug/moe.yaml
+One node, 8 GPUs, DeepSpeed ZeRO-3:
+    accelerate launch --config_file launch/accelerate/node_8gpu_zero3.yaml train_moe.py \
+        --config launch/configs/micrograph_vlm/moe.yaml
+SLURM, several nodes (checkpoints and requeues itself before the time limit, resumes on restart):
+    sbatch --nodes=2 launch/slurm/train.sbatch train_moe.py launch/configs/micrograph_vlm/moe.yaml
+
+`--stage projector` assembles a LlavaForConditionalGeneration from a CLIP/SigLIP vision tower and the LLM that
+train_sft.py wrote and trains the projector on captions; `--stage llm` trains projector + LLM on VQA, captions,
+classification and text instructions; `--stage moe` converts the decoder into the matching HF MoE architecture
+(Llama/Mistral → Mixtral, Qwen3 → Qwen3Moe, Qwen2 → Qwen2Moe), every expert a copy of its layer's FFN, and trains
+experts and routers with a load-balancing loss. STAGES below is the one table of what each stage trains, starts
+from, reads and at which learning rates. Each stage ends in `output_dir/final`, which plain
+`AutoModelForImageTextToText.from_pretrained` loads (and vLLM serves); MoE runs save per-layer routing statistics
+(`routing.json`, image vs text tokens) beside every checkpoint and the export.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from semivlm import dpo, moe, vlm  # noqa: E402
+from semivlm.checkpoint import find_latest_checkpoint, unpartitioned  # noqa: E402
+from semivlm.config import load_config  # noqa: E402
+from semivlm.data import RecordError, read_jsonl  # noqa: E402
+from semivlm.loop import TrainConfig, causal_lm_loss, make_accelerator, supervised_tokens, train, zero_stage  # noqa: E402
+from semivlm.model import resolve_attn_implementation  # noqa: E402
+
+# stage -> what it trains, what `init_from` must be, which record tasks it reads, default learning rates (MoE-LLaVA:
+# 1e-3 for stage I, 2e-5 for stages II and III; the projector keeps the LLM's rate in stage II)
+STAGES = {
+    "projector": {"trains": ("projector",), "starts_from": "llm or vlm", "tasks": ("caption",),
+                  "learning_rate": 1e-3, "projector_lr": 1e-3},
+    "llm": {"trains": ("projector", "llm"), "starts_from": "vlm", "tasks": ("caption", "vqa", "classify", "instruction"),
+            "learning_rate": 2e-5, "projector_lr": 2e-5},
+    "moe": {"trains": ("experts", "routers"), "starts_from": "vlm (upcycled here)",
+            "tasks": ("caption", "vqa", "classify", "instruction"), "learning_rate": 2e-5, "projector_lr": 2e-5},
+}
+
+
+@dataclass
+class MoEConfig(TrainConfig):
+    stage: Literal["projector", "llm", "moe"] = "projector"
+    train_data: list[str] = field(default_factory=list)  # JSONL record files; each stage keeps its tasks' records
+    eval_data: list[str] = field(default_factory=list)  # empty = the eval_split records of train_data
+    train_split: str = "train"
+    eval_split: str = "validation"
+    tasks: list[str] = field(default_factory=list)  # override the stage's data mix (caption, vqa, classify, instruction)
+    vision_tower: str = ""  # projector stage from an LLM: CLIP/SigLIP directory or hub id ...
+    vision_config: dict = field(default_factory=dict)  # ... or a tiny random tower {model_type: clip_vision_model, ...}
+    learning_rate: float = 0.0  # 0 = the stage's default from STAGES
+    projector_lr: float = 0.0  # 0 = the stage's default
+    unfreeze_vision_tower: bool = False  # llm/moe stages: train the vision tower too
+    vision_lr: float = 2e-6
+    train_attention: bool = False  # moe stage: attention too, besides experts and routers
+    moe_lora_r: int = 0  # moe stage: LoRA on the experts (PEFT target_parameters) instead of full expert weights
+    moe_lora_alpha: int = 32
+    num_experts: int = 4
+    top_k: int = 2
+    moe_every: int = 1  # 2 = MoE on every other layer (Qwen3Moe only; MoE-LLaVA's default)
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    experts_implementation: str = "auto"  # auto = grouped_mm on GPU, eager on CPU
+    max_length: int = 1024  # tokens per sample, image tokens included
+    overflow: Literal["truncate", "skip"] = "truncate"
+    skip_invalid: bool = False
+    max_aspect_ratio: float = 5.0  # wider images are padded to square up to this ratio, refused beyond it
+    group_by_modality: bool = True  # micro-batches all-image or all-text, of similar length (LLaVA)
+    objective: Literal["sft", "dpo"] = "sft"  # dpo: image (and text) preference pairs from train_data
+    beta: float = 0.1
+    classify_eval: int = 100  # held-out classification records answered after training (0 = off) ...
+    classify_data: str = ""  # ... from this JSONL (empty = the classify records of eval_data or train_data)
+
+
+# ---------------------------------------------------------------- data
+
+def read_records(cfg: MoEConfig, files: list[str], split: str, tasks: tuple[str, ...]) -> list[tuple[dict, Path]]:
+    """(record, directory its image paths are relative to) for the records of `split` whose task is in `tasks`.
+    A record without meta.task is "instruction" when it has no image, else "vqa"."""
+    rows = []
+    for path in files:
+        try:
+            for r in read_jsonl(path, skip_bad=cfg.skip_invalid):
+                task = r.get("meta", {}).get("task") or ("vqa" if r.get("images") else "instruction")
+                if (not split or r.get("meta", {}).get("split", split) == split) and (cfg.objective == "dpo" or task in tasks):
+                    rows.append((r, Path(path).parent))
+        except RecordError as e:
+            raise SystemExit(str(e)) from None
+    return rows
+
+
+def encode(cfg: MoEConfig, processor, rows: list[tuple[dict, Path]], where: str, log) -> list[dict]:
+    examples, counts = [], {}
+    by_root: dict[Path, list[dict]] = {}
+    for r, root in rows:
+        by_root.setdefault(root, []).append(r)
+    for root, records in by_root.items():
+        if cfg.objective == "dpo":
+            out, c = vlm.encode_vlm_pairs(processor, records, root, cfg.max_length, cfg.overflow, cfg.skip_invalid,
+                                          where, cfg.max_aspect_ratio)
+        else:
+            out, c = vlm.encode_vlm_records(processor, records, root, cfg.max_length, cfg.overflow, cfg.skip_invalid,
+                                            where, cfg.max_aspect_ratio)
+        examples += out
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0) + v
+    log(f"{where}: {len(examples)} {'pairs' if cfg.objective == 'dpo' else 'samples'} "
+        f"({sum(e['has_image'] for e in examples)} with images) | {counts}")
+    return examples
+
+
+# ---------------------------------------------------------------- model
+
+def starting_model_dir(cfg: MoEConfig, accelerator) -> Path:
+    """The HF directory every rank loads (partitioned under ZeRO-3): init_from itself, or — built once by the main
+    process — the VLM assembled from vision tower + LLM (projector stage) or the upcycled MoE (moe stage)."""
+    if not cfg.init_from:
+        raise SystemExit(f"init_from is required: the {STAGES[cfg.stage]['starts_from']} directory this stage starts from")
+    source = Path(cfg.init_from)
+    is_vlm = vlm.is_vlm_dir(source)
+    if cfg.stage != "projector" and not is_vlm:
+        raise SystemExit(f"--stage {cfg.stage} starts from a VLM directory (the previous stage's output_dir/final); "
+                         f"'{cfg.init_from}' is not one")
+    if cfg.stage == "llm" or (cfg.stage == "projector" and is_vlm):
+        return source
+    start = Path(cfg.output_dir) / "start"
+    if accelerator.is_main_process and not (start / "config.json").is_file():
+        tmp = Path(cfg.output_dir) / ".tmp-start"
+        with unpartitioned():
+            if cfg.stage == "projector":
+                if not (cfg.vision_tower or cfg.vision_config):
+                    raise SystemExit("--stage projector from an LLM needs vision_tower (a CLIP/SigLIP directory or "
+                                     "hub id) or vision_config (a tiny random tower)")
+                model, processor = vlm.build_vlm(cfg.vision_tower or cfg.vision_config, cfg.init_from)
+            else:
+                dense, processor = vlm.load_vlm(source)
+                model = moe.upcycle(dense, cfg.num_experts, cfg.top_k, cfg.moe_every, seed=cfg.seed)
+                del dense
+            model.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
+        tmp.rename(start)
+        accelerator.print(f"wrote the starting model of stage {cfg.stage} to {start}")
+    accelerator.wait_for_everyone()
+    return start
+
+
+def set_trainable(cfg: MoEConfig, model) -> dict[str, list[torch.nn.Parameter]]:
+    """Freeze everything, then unfreeze what the stage trains; returns the trained parameters by LR group."""
+    trains = set(STAGES[cfg.stage]["trains"]) | ({"vision"} if cfg.unfreeze_vision_tower else set())
+    trains |= {"attention"} if cfg.stage == "moe" and cfg.train_attention else set()
+    sparse = set(moe.expert_and_router_parameter_names(model)) if cfg.stage == "moe" else set()
+    unused = unused_vision_parameters(model)
+    groups = {"projector": [], "vision": [], "rest": []}
+    for name, p in model.named_parameters():
+        kind = ("projector" if "multi_modal_projector" in name else "vision" if "vision_tower" in name
+                else "routers" if name in sparse and name.endswith("mlp.gate.weight") else "experts" if name in sparse
+                else "attention" if "self_attn" in name else "llm")
+        on = (kind in trains or (kind in ("experts", "routers", "attention") and "llm" in trains)) and name not in unused
+        p.requires_grad_(on and not (cfg.moe_lora_r > 0 and kind == "experts"))
+        if p.requires_grad:
+            groups["projector" if kind == "projector" else "vision" if kind == "vision" else "rest"].append(p)
+    return groups
+
+
+def unused_vision_parameters(model) -> set[str]:
+    """Vision-tower weights that never reach the LLM: the layers after `vision_feature_layer` (LLaVA takes CLIP's
+    penultimate layer) and the final norm/head. Left frozen, or they would sit in the optimizer with no gradient."""
+    layer = model.config.vision_feature_layer
+    n_layers = model.config.vision_config.num_hidden_layers
+    if not isinstance(layer, int):
+        return set()
+    last_used = layer % (n_layers + 1)  # hidden_states[0] is the embedding output, [k] the output of layer k-1
+    out = set()
+    for name, _ in model.named_parameters():
+        if "vision_tower" not in name:
+            continue
+        parts = name.split(".")
+        if "layers" in parts and int(parts[parts.index("layers") + 1]) >= last_used:
+            out.add(name)
+        elif any(k in name for k in ("post_layernorm", ".head.")):
+            out.add(name)
+    return out
+
+
+def param_groups(cfg: MoEConfig, groups: dict) -> list[dict]:
+    lrs = {"projector": cfg.projector_lr or STAGES[cfg.stage]["projector_lr"], "vision": cfg.vision_lr,
+           "rest": cfg.learning_rate or STAGES[cfg.stage]["learning_rate"]}
+    out = []
+    for kind, params in groups.items():
+        for decay in (True, False):
+            ps = [p for p in params if (p.ndim >= 2) == decay]
+            if ps:
+                out.append({"params": ps, "lr": lrs[kind], "weight_decay": cfg.weight_decay if decay else 0.0})
+    return out
+
+
+def moe_loss(cfg: MoEConfig, probe, image_token_id: int, base_loss):
+    """The LM (or DPO) loss plus router_aux_loss_coef · load-balancing loss (+ z-loss), each logged on its own.
+    Auxiliary terms are means per micro-batch: weighted by the micro-batch's share of the step's items so that
+    they add up to one mean per optimizer step, however the step is split."""
+    def loss_fn(model, batch, num_items):
+        probe.start(batch["attention_mask"], batch["input_ids"] == image_token_id, record=model.training)
+        loss, extras = base_loss(model, batch, num_items)
+        aux, z = probe.losses()
+        share = supervised_tokens(batch) / num_items if num_items else 1.0
+        total = loss + share * (cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z)
+        return total, {**extras, "lm_loss": float(loss.detach()) / share if share else 0.0, "aux_loss": float(aux.detach()),
+                       "z_loss": float(z.detach())}
+    return loss_fn
+
+
+def blind_image_collate(collate, pixel_values: torch.Tensor, n_tokens: int, image_token_id: int, pad_id: int,
+                        rows: list[dict]) -> dict:
+    """`collate`, then, for a micro-batch without images, one image no token attends to (vlm.add_blind_image)."""
+    return vlm.add_blind_image(collate(rows), pixel_values, image_token_id, n_tokens, pad_id)
+
+
+# ---------------------------------------------------------------- held-out classification, answered by the model
+
+@torch.no_grad()
+def classification_accuracy(model_dir: Path, rows: list[tuple[dict, Path]], limit: int) -> dict:
+    """Greedy answers to the held-out "what kind of sample is this?" records, matched to the reference label."""
+    model, processor = vlm.load_vlm(model_dir)
+    model.eval()
+    hits, n, examples = 0, 0, []
+    for record, root in [r for r in rows if r[0].get("meta", {}).get("task") == "classify"][:limit]:
+        answer = vlm.generate_answer(model, processor, record, root, max_new_tokens=12)
+        reference = record["messages"][-1]["content"][0]["text"]
+        hit = " ".join(answer.lower().split()).strip(" .") == " ".join(reference.lower().split()).strip(" .")
+        hits, n = hits + hit, n + 1
+        examples.append({"id": record["id"], "reference": reference, "answer": answer})
+    return {"classify_accuracy": hits / n if n else float("nan"), "classify_n": n, "examples": examples[:10]}
+
+
+# ---------------------------------------------------------------- main
+
+def main(cfg: MoEConfig) -> dict:
+    try:
+        return run(cfg)
+    except RecordError as e:  # a bad record is the user's to fix: one line naming it, not a traceback
+        raise SystemExit(f"bad record: {e}") from None
+
+
+def run(cfg: MoEConfig) -> dict:
+    stage = STAGES[cfg.stage]
+    if not cfg.output_dir:
+        raise SystemExit("output_dir is required")
+    accelerator = make_accelerator(cfg)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # ---- the starting model, loaded partitioned under ZeRO-3 (after the Accelerator set the config up)
+    start = starting_model_dir(cfg, accelerator)
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    model, processor = vlm.load_vlm(start, accelerator.param_dtype, attn)
+    tokenizer = processor.tokenizer
+    probe, lora_config = None, None
+    if cfg.stage == "moe":
+        accelerator.print(f"experts {moe.set_experts_implementation(model, accelerator.device.type, cfg.experts_implementation)}"
+                          f" | ZeRO-3 leaf modules {moe.register_zero3_leaf_modules(model)}")
+        probe = moe.RouterProbe(model)
+    groups = set_trainable(cfg, model)
+    if cfg.stage == "moe":  # everything before the first MoE block is frozen: ZeRO-3's backward needs input grads
+        model.enable_input_require_grads()
+    if cfg.stage == "moe" and cfg.moe_lora_r > 0:
+        from peft import get_peft_model
+
+        lora_config = moe.expert_lora_config(model, cfg.moe_lora_r, cfg.moe_lora_alpha)
+        model = get_peft_model(model, lora_config)
+        groups["rest"] += [p for n, p in model.named_parameters() if "lora_" in n]
+
+    # ---- data: the stage's mix, each record checked (image count, decodability, labels, length)
+    tasks = tuple(cfg.tasks) or stage["tasks"]
+    if not cfg.train_data:
+        raise SystemExit("train_data is required: JSONL record files (captions, VQA, classification, instructions)")
+    train_rows = read_records(cfg, cfg.train_data, cfg.train_split, tasks)
+    eval_rows = read_records(cfg, cfg.eval_data or cfg.train_data, cfg.eval_split, tasks)
+    train_set = encode(cfg, processor, train_rows, "train", accelerator.print)
+    eval_set = encode(cfg, processor, eval_rows, "held-out", accelerator.print) or None
+    if not train_set:
+        raise SystemExit(f"no usable {cfg.train_split} records of tasks {tasks} in {cfg.train_data}")
+    pad_id = tokenizer.pad_token_id
+    permutation, on_start = None, None
+    if cfg.objective == "dpo":
+        collate = partial(vlm.collate_vlm_pairs, pad_id=pad_id)
+        base_loss = dpo.make_dpo_loss(cfg.beta, "precomputed")
+        on_start = dpo.reference_on_start([train_set, eval_set or []], collate, cfg.micro_batch_size, cfg.output_dir)
+    else:
+        collate = partial(vlm.collate_vlm, pad_id=pad_id)
+        base_loss = causal_lm_loss
+        if cfg.group_by_modality:
+            permutation = partial(vlm.modality_length_grouped_permutation, [e["length"] for e in train_set],
+                                  [e["has_image"] for e in train_set], cfg.micro_batch_size, cfg.seed)
+    some_image = next((e["pixel_values"][:1] for e in train_set + (eval_set or []) if e["has_image"]), None)
+    if zero_stage(accelerator) == 3 and accelerator.num_processes > 1 and some_image is not None:
+        # ZeRO-3 gathers the vision tower's weights in a collective every rank must join, so every micro-batch on
+        # every rank runs it: text-only micro-batches get a blind image
+        collate = partial(blind_image_collate, collate, torch.zeros_like(some_image),
+                          vlm.image_tokens_per_image(processor, some_image), model.config.image_token_id, pad_id)
+    loss_fn = moe_loss(cfg, probe, model.config.image_token_id, base_loss) if probe else base_loss
+
+    def routing_files() -> dict[str, str]:  # every rank calls it at a save: the statistics are summed over ranks
+        probe.all_reduce(partial(accelerator.reduce, reduction="sum"))
+        summary = probe.summary()
+        probe.reset()
+        return {"routing.json": json.dumps(summary, indent=1) + "\n"}
+
+    # ---- train, then the export; what the stage trained is logged by the loop ("training N of M parameters")
+    accelerator.print(f"stage {cfg.stage}: trains {stage['trains']}{' + vision tower' if cfg.unfreeze_vision_tower else ''}"
+                      f" | tasks {tasks} | lr {cfg.learning_rate or stage['learning_rate']:.1e}, projector "
+                      f"{cfg.projector_lr or stage['projector_lr']:.1e} | ZeRO stage {zero_stage(accelerator)}")
+    result = train(cfg, accelerator, model, processor, train_set, eval_set, collate, loss_fn=loss_fn,
+                   param_groups=param_groups(cfg, groups), lora_config=lora_config, seq_len=cfg.max_length,
+                   permutation=permutation, on_start=on_start, artifacts=routing_files if probe else None)
+
+    # ---- held-out category accuracy of the exported model (main process; the others wait)
+    if result["final_dir"] and cfg.classify_eval > 0 and accelerator.is_main_process:
+        files = [cfg.classify_data] if cfg.classify_data else cfg.eval_data or cfg.train_data
+        rows = read_records(cfg, files, cfg.eval_split, ("classify",))
+        with unpartitioned():  # main process alone: under ZeRO-3, loading and generate() would wait for all ranks
+            acc = classification_accuracy(Path(result["final_dir"]), rows, cfg.classify_eval)
+        accelerator.print(f"held-out classification: {acc['classify_accuracy']:.3f} of {acc['classify_n']} answered "
+                          f"exactly (e.g. {acc['examples'][:2]})")
+        (Path(cfg.output_dir) / "classification.json").write_text(json.dumps(acc, indent=1) + "\n")
+        result.update({k: acc[k] for k in ("classify_accuracy", "classify_n")})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    main(load_config(MoEConfig))
