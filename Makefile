@@ -30,6 +30,13 @@ demo: setup
 		--init_from $(RUN)/pretrain/final --train_data $(RUN)/instructions/instructions.jsonl
 	$(PY) train_sft.py --config launch/configs/debug/dpo.yaml --output_dir $(RUN)/dpo \
 		--init_from $(RUN)/sft/final --train_data $(RUN)/instructions/preferences.jsonl
+	$(PY) train_moe.py --config launch/configs/debug/projector.yaml --output_dir $(RUN)/projector \
+		--init_from $(RUN)/sft/final --train_data "[$(RUN)/annotations/captions.jsonl]" \
+		--classify_data $(RUN)/annotations/classify.jsonl
+	$(PY) train_moe.py --config launch/configs/debug/llm.yaml --output_dir $(RUN)/llm --init_from $(RUN)/projector/final \
+		--train_data "[$(RUN)/annotations/captions.jsonl,$(RUN)/annotations/vqa.jsonl,$(RUN)/annotations/classify.jsonl,$(RUN)/instructions/instructions.jsonl]"
+	$(PY) train_moe.py --config launch/configs/debug/moe.yaml --output_dir $(RUN)/moe --init_from $(RUN)/llm/final \
+		--train_data "[$(RUN)/annotations/captions.jsonl,$(RUN)/annotations/vqa.jsonl,$(RUN)/annotations/classify.jsonl,$(RUN)/instructions/instructions.jsonl]"
 
 clean:
 	rm -rf runs

@@ -314,6 +314,10 @@ def run(cfg: MoEConfig) -> dict:
         probe.all_reduce(partial(accelerator.reduce, reduction="sum"))
         summary = probe.summary()
         probe.reset()
+        for layer in summary["layers"]:
+            shares = {k: "/".join(f"{x:.2f}" for x in layer[k]) if layer[k] else "-" for k in ("image", "text")}
+            accelerator.print(f"routing layer {layer['layer']} | image tokens {shares['image']} | text tokens "
+                              f"{shares['text']} | aux {layer['aux_loss_mean']:.3f}")
         return {"routing.json": json.dumps(summary, indent=1) + "\n"}
 
     # ---- train, then the export; what the stage trained is logged by the loop ("training N of M parameters")

@@ -216,6 +216,22 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int, record_id: str
     return _encode(tokenizer, messages, max_length, record_id, overflow)[0]
 
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens generation should stop at: eos, plus the special token(s) the chat template ends an assistant
+    turn with (<|im_end|>, <|eot_id|> ...), found as the special tokens among a rendered reply's labels. Without
+    them a ChatML model whose eos is <|endoftext|> never stops after its answer."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            enc = encode_chat(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                              64, "end-of-turn probe")
+        except RecordError:
+            return ids
+        special = set(tokenizer.all_special_ids)
+        ids += [t for t in enc["labels"] if t in special and t not in ids]
+    return ids
+
+
 def encode_records(tokenizer, records, max_length: int, overflow: str = "truncate", skip_invalid: bool = False,
                    where: str = "") -> tuple[list[dict], dict]:
     """records: iterable of our JSONL records (text-only; message content a string or typed parts

@@ -102,6 +102,25 @@ def _plain_model(model_class, config=None, pretrained: str | None = None):
         return model_class._from_config(config)
 
 
+def stop_at_end_of_turn(model_dir: Path, tokenizer) -> None:
+    """Make generation_config.json stop at the chat template's end-of-turn token as well as eos, so plain
+    `generate()` and vLLM end a chat answer where training taught the model to end it."""
+    from transformers import GenerationConfig
+
+    from semivlm.chat import end_of_turn_ids
+
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return
+    config = GenerationConfig.from_pretrained(model_dir)
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else \
+        [config.eos_token_id] if config.eos_token_id is not None else []
+    stops = eos + [t for t in end_of_turn_ids(tokenizer) if t not in eos]
+    if stops != eos:
+        config.eos_token_id = stops
+        config.save_pretrained(model_dir)
+
+
 def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lora_config=None,
                  base_for_merge: str | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Gather the (possibly ZeRO-3-sharded) weights and write a plain `save_pretrained` directory, atomically.
@@ -140,6 +159,7 @@ def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lo
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            stop_at_end_of_turn(tmp, getattr(tokenizer, "tokenizer", tokenizer))
         (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semivlm.chat import (SkipRecord, _bad, collate_chat, encode_chat, length_grouped_permutation,
+from semivlm.chat import (SkipRecord, end_of_turn_ids, _bad, collate_chat, encode_chat, length_grouped_permutation,
                           normalise_messages)
 from semivlm.data import RecordError
 
@@ -421,7 +421,8 @@ def generate_answer(model, processor, record: dict, image_root, max_new_tokens: 
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     enc = processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False).to(model.device)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=processor.tokenizer.pad_token_id)
+                         pad_token_id=processor.tokenizer.pad_token_id,
+                         eos_token_id=end_of_turn_ids(processor.tokenizer))
     return processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
