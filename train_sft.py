@@ -134,19 +134,11 @@ def run(cfg: SFTConfig) -> dict:
         accelerator.print(f"dpo: {len(train_rows)} train / {len(eval_rows)} held-out text pairs "
                           f"({images} image pairs are for train_moe.py)")
 
-        def encode(rows, where):
-            pairs, skipped = [], 0
-            for r in rows:
-                try:
-                    pairs.append(dpo.encode_pair(tokenizer, r, cfg.max_length, where, cfg.overflow))
-                except chat.SkipRecord:  # too long with overflow: skip
-                    skipped += 1
-                except RecordError as e:
-                    if not cfg.skip_invalid:
-                        raise
-                    skipped += 1
-                    accelerator.print(f"skip {e}")
-            accelerator.print(f"{where}: {len(pairs)} pairs kept, {skipped} skipped")
+        def encode(rows, where):  # encode_pair names `where` itself
+            pairs, counts = chat.encode_counted(
+                rows, lambda r, n: (dpo.encode_pair(tokenizer, r, cfg.max_length, where, cfg.overflow), False),
+                cfg.skip_invalid, count_truncated=False)
+            accelerator.print(f"{where}: {len(pairs)} pairs | {counts}")
             return pairs
         train_set, eval_set = encode(train_rows, cfg.train_data), encode(eval_rows, cfg.eval_data or cfg.train_data)
         if not train_set:

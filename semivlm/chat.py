@@ -232,39 +232,57 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
-def encode_records(tokenizer, records, max_length: int, overflow: str = "truncate", skip_invalid: bool = False,
-                   where: str = "") -> tuple[list[dict], dict]:
-    """records: iterable of our JSONL records (text-only; message content a string or typed parts
-    [{"type":"text","text":...}]). Returns (examples [{"id", "input_ids", "labels"}], counts by outcome/reason):
-    counts["kept"], counts["truncated"] (kept, but cut), counts["skipped: <reason>"], counts["invalid: <reason>"].
-    A bad record raises RecordError naming `where` (file) and the record id, unless skip_invalid (then counted);
-    SkipRecord is always counted, never raised."""
+def named_error(e: RecordError, where: str) -> RecordError:
+    """The same error (and reason) with the file name in front; SkipRecord is left alone (it is counted)."""
+    if not where or isinstance(e, SkipRecord):
+        return e
+    err = RecordError(f"{where}: {e}")
+    err.reason = getattr(e, "reason", "invalid")
+    return err
+
+
+def encode_counted(records, encode_one, skip_invalid: bool, where: str = "",
+                   count_truncated: bool = True) -> tuple[list[dict], dict]:
+    """The loop every record encoder shares: `encode_one(record, n)` -> (example, truncated?) for the n-th record.
+    Returns (examples, counts): counts["kept"], ["truncated"] (kept, but cut), ["skipped: <reason>"] (SkipRecord,
+    always counted) and ["invalid: <reason>"] (only with skip_invalid; otherwise the first bad record's RecordError
+    is raised with `where` in front)."""
     examples, counts = [], Counter()
     for n, rec in enumerate(records, 1):
-        rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") not in (None, "") else f"#{n}"
         try:
-            if not isinstance(rec, dict):
-                raise _bad(rid, "not an object", f"got {type(rec).__name__}")
-            if rec.get("images"):
-                raise _bad(rid, "has images", "chat SFT here is text-only; image records go to the multimodal path")
-            example, n_full = _encode(tokenizer, rec.get("messages"), max_length, rid, overflow)
+            example, truncated = encode_one(rec, n)
         except SkipRecord as e:
             counts[f"skipped: {e.reason}"] += 1
             continue
         except RecordError as e:
-            reason = getattr(e, "reason", "invalid")
             if not skip_invalid:
-                err = RecordError(f"{where}: {e}" if where else str(e))
-                err.reason = reason
-                raise err from None
-            counts[f"invalid: {reason}"] += 1
+                raise named_error(e, where) from None
+            counts[f"invalid: {getattr(e, 'reason', 'invalid')}"] += 1
             continue
         counts["kept"] += 1
-        counts["truncated"] += n_full > max_length
-        examples.append({"id": rid, **example})
+        if count_truncated:
+            counts["truncated"] += bool(truncated)
+        examples.append(example)
     counts.setdefault("kept", 0)
-    counts.setdefault("truncated", 0)
+    if count_truncated:
+        counts.setdefault("truncated", 0)
     return examples, dict(counts)
+
+
+def encode_records(tokenizer, records, max_length: int, overflow: str = "truncate", skip_invalid: bool = False,
+                   where: str = "") -> tuple[list[dict], dict]:
+    """records: iterable of our JSONL records (text-only; message content a string or typed parts
+    [{"type":"text","text":...}]). Returns (examples [{"id", "input_ids", "labels"}], counts) as encode_counted."""
+    def encode_one(rec, n):
+        rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") not in (None, "") else f"#{n}"
+        if not isinstance(rec, dict):
+            raise _bad(rid, "not an object", f"got {type(rec).__name__}")
+        if rec.get("images"):
+            raise _bad(rid, "has images", "chat SFT here is text-only; image records go to the multimodal path")
+        example, n_full = _encode(tokenizer, rec.get("messages"), max_length, rid, overflow)
+        return {"id": rid, **example}, n_full > max_length
+
+    return encode_counted(records, encode_one, skip_invalid, where)
 
 
 # ---------------------------------------------------------------------------------------------------- packing

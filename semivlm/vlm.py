@@ -11,14 +11,13 @@ linear · GELU · linear, any decoder LLM); robust image loading; records encode
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from semivlm.chat import (SkipRecord, end_of_turn_ids, _bad, collate_chat, encode_chat, length_grouped_permutation,
-                          normalise_messages)
+from semivlm.chat import (SkipRecord, _bad, collate_chat, encode_chat, encode_counted, end_of_turn_ids,
+                          length_grouped_permutation, named_error, normalise_messages)
 from semivlm.data import RecordError
 
 IMAGE_TOKEN = "<image>"
@@ -300,15 +299,6 @@ def _encode(processor, messages, images, record_id, image_root, max_length, over
             "length": len(ids), "has_image": bool(images)}, n_full
 
 
-def _named(e: RecordError, where: str) -> RecordError:
-    """The same error with the file name in front; SkipRecord is left alone (it is counted, not reported)."""
-    if not where or isinstance(e, SkipRecord):
-        return e
-    err = RecordError(f"{where}: {e}")
-    err.reason = getattr(e, "reason", "invalid")
-    return err
-
-
 def _record(processor, rec, n, image_root, max_length, overflow, max_aspect_ratio, cache):
     """(id, example, untruncated length) of the n-th record of a file."""
     rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") not in (None, "") else f"#{n}"
@@ -327,7 +317,7 @@ def encode_vlm_record(processor, record: dict, image_root, max_length: int, over
         rid, example, _ = _record(processor, record, 1, image_root, max_length, overflow, max_aspect_ratio, cache)
         return {"id": rid, **example}
     except RecordError as e:
-        raise _named(e, where) from None
+        raise named_error(e, where) from None
 
 
 def encode_vlm_records(processor, records, image_root, max_length: int, overflow: str = "truncate",
@@ -335,24 +325,13 @@ def encode_vlm_records(processor, records, image_root, max_length: int, overflow
     """(examples, counts) as chat.encode_records: counts["kept"], ["truncated"], ["skipped: <reason>"],
     ["invalid: <reason>"] (only with skip_invalid; otherwise the first bad record raises RecordError naming `where`
     and the record). Records of one image share one pixel tensor."""
-    examples, counts, cache = [], Counter(), {}
-    for n, rec in enumerate(records, 1):
-        try:
-            rid, example, n_full = _record(processor, rec, n, image_root, max_length, overflow, max_aspect_ratio, cache)
-        except SkipRecord as e:
-            counts[f"skipped: {e.reason}"] += 1
-            continue
-        except RecordError as e:
-            if not skip_invalid:
-                raise _named(e, where) from None
-            counts[f"invalid: {getattr(e, 'reason', 'invalid')}"] += 1
-            continue
-        counts["kept"] += 1
-        counts["truncated"] += n_full > max_length
-        examples.append({"id": rid, **example})
-    counts.setdefault("kept", 0)
-    counts.setdefault("truncated", 0)
-    return examples, dict(counts)
+    cache = {}
+
+    def encode_one(rec, n):
+        rid, example, n_full = _record(processor, rec, n, image_root, max_length, overflow, max_aspect_ratio, cache)
+        return {"id": rid, **example}, n_full > max_length
+
+    return encode_counted(records, encode_one, skip_invalid, where)
 
 
 def encode_vlm_pair(processor, record: dict, image_root, max_length: int, where: str = "", overflow: str = "truncate",
@@ -379,7 +358,7 @@ def encode_vlm_pair(processor, record: dict, image_root, max_length: int, where:
             enc, _ = _encode(processor, messages, images, f"{rid} ({side})", image_root, max_length, overflow,
                              max_aspect_ratio, cache)
         except RecordError as e:
-            raise _named(e, where) from None
+            raise named_error(e, where) from None
         out.update({f"{side}_input_ids": enc["input_ids"], f"{side}_labels": enc["labels"], "pixel_values":
                     enc["pixel_values"], "n_images": enc["n_images"], "has_image": enc["has_image"]})
     if out["chosen_input_ids"] == out["rejected_input_ids"]:
@@ -391,19 +370,12 @@ def encode_vlm_pair(processor, record: dict, image_root, max_length: int, where:
 def encode_vlm_pairs(processor, records, image_root, max_length: int, overflow: str = "truncate",
                      skip_invalid: bool = False, where: str = "", max_aspect_ratio: float = 5.0):
     """(encoded pairs, counts) for a file of preference records, counted like encode_vlm_records (no "truncated")."""
-    examples, counts, cache = [], Counter(), {}
-    for rec in records:
-        try:
-            examples.append(encode_vlm_pair(processor, rec, image_root, max_length, where, overflow, max_aspect_ratio,
-                                            cache))
-        except SkipRecord as e:
-            counts[f"skipped: {e.reason}"] += 1
-        except RecordError as e:
-            if not skip_invalid:
-                raise
-            counts[f"invalid: {getattr(e, 'reason', 'invalid')}"] += 1
-    counts["kept"] = len(examples)
-    return examples, dict(counts)
+    cache = {}
+
+    def encode_one(rec, n):  # encode_vlm_pair names `where` itself
+        return encode_vlm_pair(processor, rec, image_root, max_length, where, overflow, max_aspect_ratio, cache), False
+
+    return encode_counted(records, encode_one, skip_invalid, count_truncated=False)
 
 
 @torch.no_grad()
