@@ -292,13 +292,14 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
           loss_fn: Callable = causal_lm_loss, param_groups: list[dict] | None = None, lora_config=None,
           seq_len: int | None = None, permutation: Callable[[int], np.ndarray] | None = None,
           on_start: Callable | None = None, base_for_merge: str | None = None,
-          artifacts: Callable[[], dict[str, str]] | None = None) -> dict:
+          artifacts: Callable[[], dict[str, str]] | None = None, train_flops_per_token: float | None = None) -> dict:
     """Train `model` for cfg.max_steps optimizer steps; returns {"history": [...], "final_dir": path | None}.
 
     `permutation(epoch)` orders the samples (default: random per epoch); `on_start(model, accelerator)` runs on
     every rank after prepare() and resume, before the first step (e.g. DPO reference log-probs); `artifacts()`,
     called on every rank at each save, returns {file name: text} written into the checkpoint and the export
-    (e.g. routing statistics)."""
+    (e.g. routing statistics). `train_flops_per_token` replaces the decoder formula of model.flops_per_token for
+    models it does not describe (e.g. a two-tower CLIP, whose image and text tokens pass different towers)."""
     out = Path(cfg.output_dir)
     main = accelerator.is_main_process
     log = accelerator.print
@@ -319,7 +320,7 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     trainable_params = sum(numel(p) for p in model.parameters() if p.requires_grad)
     local_params = sum(local_numel(p) for p in model.parameters())
     seq_len = seq_len or len(train_dataset[0]["input_ids"])
-    fpt = flops_per_token(model, seq_len)
+    fpt = train_flops_per_token or flops_per_token(model, seq_len)
     print(f"rank {accelerator.process_index}/{accelerator.num_processes} holds {local_params:,} of "
           f"{total_params:,} parameters (ZeRO stage {zero_stage(accelerator)})", flush=True)
 
