@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	@# METEOR (pycocoevalcap) runs on Java: install a JRE where we can, else say what is lost
+	@command -v java >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get install -y -q default-jre-headless >/dev/null; } || \
+		echo "warning: no Java: evaluate.py reports captions without METEOR (labelled python backend)"
 	touch $@
 
 test: setup

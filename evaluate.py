@@ -1,0 +1,249 @@
+"""Held-out evaluation with the seed papers' metrics, for text LLMs and VLMs (bf16, fp32 or GPTQ-quantised).
+
+CPU / single-GPU debug (the debug recipe's MoE VLM on the built-in micrographs' test split):
+    python evaluate.py --model runs/demo/moe/final --output_dir runs/demo/eval/moe \
+        --data "[runs/demo/annotations/captions.jsonl,runs/demo/annotations/vqa.jsonl,runs/demo/annotations/classify.jsonl]"
+One node (evaluation runs on one GPU; launch several models side by side rather than one across GPUs):
+    accelerate launch --num_processes 1 evaluate.py --config launch/configs/micrograph_vlm/evaluate.yaml
+SLURM:
+    sbatch --nodes=1 launch/slurm/train.sbatch evaluate.py launch/configs/micrograph_vlm/evaluate.yaml
+
+What is measured, per task of the records (meta.task): captions, greedy → BLEU-1..4, METEOR, ROUGE-L, CIDEr
+(pycocoevalcap; a labelled pure-Python fallback without Java) and BERTScore with a local model; VQA, greedy → exact
+match and token F1 after normalisation, per question type (meta.qtype); classification → top-1/top-5 by the
+likelihood of each class name as the whole answer (never a parse of free text) and a confusion matrix; text
+instructions → answer perplexity; a corpus directory → perplexity of its blocks; MoE models → expert shares per
+layer for image and text tokens on the held-out records (PNG heatmaps; the training-time routing.json too).
+Writes output_dir/metrics.json, report.md, predictions.jsonl and the plots. `--compare "[DIR,DIR,...]"` puts
+several evaluations (dense vs MoE vs GPTQ, stage by stage) side by side in one report.md instead.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from semivlm import evaluation as ev  # noqa: E402
+from semivlm import metrics  # noqa: E402
+from semivlm.config import load_config  # noqa: E402
+from semivlm.data import RecordError  # noqa: E402
+
+# headline metrics of one run, in the order the comparison table shows them
+HEADLINE = ["perplexity", "corpus_perplexity", "bleu4", "meteor", "rouge_l", "cider", "vqa_exact_match",
+            "vqa_token_f1", "top1", "top5", "size_mb", "answers_per_s"]
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""  # a saved model directory (train_*.py's output_dir/final, or export_gptq.py's output)
+    data: list[str] = field(default_factory=list)  # JSONL record files; each record's meta.task says what to measure
+    output_dir: str = ""
+    split: str = "test"  # records whose meta.split is this ("" = all)
+    corpus: str = ""  # optional: a corpus blocks directory (build_corpus.py) for perplexity
+    limit: int = 200  # records per task (0 = all)
+    batch_size: int = 8
+    max_new_tokens: int = 96
+    max_length: int = 1024
+    classes: list[str] = field(default_factory=list)  # empty = the distinct answers of the classification records
+    metrics_backend: Literal["auto", "python"] = "auto"  # python: sacrebleu/rouge-score, no METEOR (labelled)
+    bertscore_model: str = ""  # a local model directory for BERTScore (empty = skipped)
+    name: str = ""  # this run's label in comparisons (default: the model directory)
+    compare: list[str] = field(default_factory=list)  # evaluation output dirs to tabulate instead of evaluating
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+def task_of(record: dict) -> str:
+    return record.get("meta", {}).get("task") or ("vqa" if record.get("images") else "instruction")
+
+
+def progress_printer(what: str):
+    t0 = time.perf_counter()
+
+    def show(done: int, total: int):
+        if done == total or done % max(1, total // 5) == 0:
+            elapsed = time.perf_counter() - t0
+            print(f"  {what}: {done}/{total} | {elapsed:.0f}s | ETA {elapsed / done * (total - done):.0f}s", flush=True)
+    return show
+
+
+def bertscore(predictions: list[str], references: list[str], model_dir: str) -> dict:
+    """BERTScore F1 (mean) with a user-supplied local encoder (no download): greedy cosine matching of contextual
+    token embeddings (last hidden layer), as Zhang et al. 2020 without IDF weighting or baseline rescaling."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if not Path(model_dir).is_dir():
+        raise SystemExit(f"bertscore_model '{model_dir}' is not a local directory (BERTScore never downloads)")
+    tok, enc = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+
+    @torch.no_grad()
+    def embed(text):
+        ids = tok(text or ".", return_tensors="pt", truncation=True, max_length=512)
+        h = enc(**ids).last_hidden_state[0, 1:-1] if ids["input_ids"].shape[1] > 2 else enc(**ids).last_hidden_state[0]
+        return torch.nn.functional.normalize(h, dim=-1)
+
+    f1s = []
+    for p, r in zip(predictions, references):
+        sim = embed(p) @ embed(r).T
+        precision, recall = sim.max(1).values.mean(), sim.max(0).values.mean()
+        f1s.append(float(2 * precision * recall / (precision + recall)))
+    return {"bertscore_f1": sum(f1s) / len(f1s), "bertscore_model": model_dir}
+
+
+def compare(cfg: EvalConfig) -> dict:
+    """One table of several evaluations' headline metrics (rows in the order given)."""
+    rows = []
+    for d in cfg.compare:
+        path = Path(d) / "metrics.json"
+        if not path.is_file():
+            raise SystemExit(f"compare: '{d}' has no metrics.json (run evaluate.py with --output_dir {d} first)")
+        m = json.loads(path.read_text())
+        rows.append({"run": m.get("name", d), **{k: m["headline"].get(k) for k in HEADLINE}})
+    columns = ["run"] + [k for k in HEADLINE if any(r.get(k) is not None for r in rows)]
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = metrics.markdown_table(rows, columns)
+    (out / "report.md").write_text("# Comparison\n\n" + table + "\n")
+    ev.save_json(out / "comparison.json", rows)
+    print(table)
+    return {"rows": rows}
+
+
+def main(cfg: EvalConfig) -> dict:
+    if not cfg.output_dir:
+        raise SystemExit("output_dir is required")
+    if cfg.compare:
+        return compare(cfg)
+    if not cfg.model:
+        raise SystemExit("model is required (a saved model directory), or --compare DIRS")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- model and records, by task
+    model, processor, is_vlm = ev.load_model(cfg.model, getattr(torch, cfg.dtype))
+    records = ev.read_records(cfg.data, cfg.split)
+    by_task: dict[str, list] = {}
+    for r, root in records:
+        task = task_of(r)
+        if is_vlm or not r.get("images"):  # a text LLM cannot see: image records are not its to answer
+            by_task.setdefault(task, []).append((r, root))
+    limited = {t: rows[:cfg.limit] if cfg.limit else rows for t, rows in by_task.items()}
+    print(f"{cfg.model} ({'VLM' if is_vlm else 'text LLM'}{', MoE' if ev.is_moe(model) else ''}) | split "
+          f"{cfg.split or 'all'} | " + ", ".join(f"{t} {len(v)}" for t, v in limited.items()), flush=True)
+    if not cfg.data and not cfg.corpus:
+        raise SystemExit("nothing to evaluate: give data (JSONL record files) and/or corpus")
+    if cfg.data and not limited:
+        raise SystemExit(f"no records of split '{cfg.split}' in {cfg.data}")
+    result: dict = {"name": cfg.name or cfg.model, "model": cfg.model, "config": asdict(cfg), "tasks": {}}
+    predictions, headline = [], {}
+    gen_time, gen_count = 0.0, 0
+
+    def answers(task):
+        nonlocal gen_time, gen_count
+        t0 = time.perf_counter()
+        preds = ev.generate(model, processor, is_vlm, limited[task], cfg.max_new_tokens, cfg.batch_size,
+                            progress_printer(f"{task} answers"))
+        gen_time, gen_count = gen_time + time.perf_counter() - t0, gen_count + len(preds)
+        refs = [ev.reference(r) for r, _ in limited[task]]
+        predictions.extend({"id": r.get("id"), "task": task, "prediction": p, "reference": ref}
+                           for (r, _), p, ref in zip(limited[task], preds, refs))
+        return preds, refs
+
+    try:
+        # ---- captions: the captioning metrics of the seed papers
+        if "caption" in limited:
+            preds, refs = answers("caption")
+            m = metrics.caption_metrics(preds, refs, backend=cfg.metrics_backend)
+            if cfg.bertscore_model:
+                m.update(bertscore(preds, refs, cfg.bertscore_model))
+            result["tasks"]["caption"] = m
+            headline.update({k: m.get(k) for k in ("bleu4", "meteor", "rouge_l", "cider")})
+
+        # ---- VQA: normalised exact match and token F1, per question type
+        if "vqa" in limited:
+            preds, refs = answers("vqa")
+            types = [r.get("meta", {}).get("qtype", "other") for r, _ in limited["vqa"]]
+            m = metrics.vqa_metrics(preds, refs, types)
+            result["tasks"]["vqa"] = m
+            headline.update(vqa_exact_match=m["overall"]["exact_match"], vqa_token_f1=m["overall"]["token_f1"])
+
+        # ---- classification: likelihood of every class name as the answer
+        if "classify" in limited:
+            rows = limited["classify"]
+            classes = cfg.classes or sorted({ev.reference(r) for r, _ in by_task["classify"]})
+            refs = [ev.reference(r) for r, _ in rows]
+            if unknown := sorted(set(refs) - set(classes)):
+                raise SystemExit(f"classification records answer {unknown[:3]}, which are not among classes {classes}")
+            scores = ev.option_scores(model, processor, is_vlm, rows, classes, cfg.max_length,
+                                      progress_printer("class likelihoods"))
+            m = metrics.classification_metrics(scores.numpy(), [classes.index(x) for x in refs], classes)
+            m["plot"] = metrics.plot_confusion(m["confusion"], classes, out / "confusion.png")
+            predictions.extend({"id": r.get("id"), "task": "classify", "prediction": classes[int(s.argmax())],
+                                "reference": ref} for (r, _), s, ref in zip(rows, scores, refs))
+            result["tasks"]["classify"] = m
+            headline.update(top1=m["top1"], top5=m["top5"])
+
+        # ---- perplexity: reference answers of the text instructions, and the corpus blocks
+        if "instruction" in limited:
+            m = ev.answer_perplexity(model, processor, is_vlm, limited["instruction"], cfg.max_length, cfg.batch_size)
+            result["tasks"]["instruction"] = m
+            headline["perplexity"] = m["perplexity"]
+        if cfg.corpus:
+            from datasets import load_from_disk
+
+            try:
+                blocks = load_from_disk(cfg.corpus)
+            except (FileNotFoundError, ValueError) as e:
+                raise SystemExit(f"corpus '{cfg.corpus}' is not a saved datasets directory: {e}") from None
+            m = ev.block_perplexity(model, blocks, cfg.batch_size, cfg.limit)
+            result["tasks"]["corpus"] = m
+            headline["corpus_perplexity"] = m["perplexity"]
+
+        # ---- MoE: routing on the held-out records, image vs text tokens
+        if ev.is_moe(model) and is_vlm:
+            held_out = [x for t in ("caption", "vqa", "classify") for x in limited.get(t, [])][:cfg.limit or None]
+            if held_out:
+                routing = ev.routing_on(model, processor, held_out, cfg.max_length, cfg.batch_size)
+                ev.save_json(out / "routing_eval.json", routing)
+                result["routing"] = {"held_out": "routing_eval.json",
+                                     "plot": metrics.plot_routing(routing, out / "routing_eval.png")}
+            trained = Path(cfg.model) / "routing.json"
+            if trained.is_file():
+                result["routing"]["training_plot"] = metrics.plot_routing(json.loads(trained.read_text()),
+                                                                          out / "routing_train.png")
+    except RecordError as e:
+        raise SystemExit(f"bad record: {e}") from None
+
+    # ---- report
+    headline["size_mb"] = ev.disk_size(cfg.model) / 2**20
+    headline["answers_per_s"] = gen_count / gen_time if gen_time else None
+    result["headline"] = headline
+    ev.save_json(out / "metrics.json", result)
+    with open(out / "predictions.jsonl", "w") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
+    lines = [f"# Evaluation of `{cfg.model}`", "", f"split `{cfg.split or 'all'}`, records per task ≤ {cfg.limit or 'all'}",
+             "", metrics.markdown_table([{"metric": k, "value": v} for k, v in headline.items()], ["metric", "value"])]
+    if "caption" in result["tasks"]:
+        lines += ["", f"Caption metrics backend: {result['tasks']['caption'].get('backend')}"]
+    if "vqa" in result["tasks"]:
+        by_type = result["tasks"]["vqa"]["by_type"]
+        lines += ["", "## VQA by question type", "", metrics.markdown_table(
+            [{"type": t, **v} for t, v in sorted(by_type.items())], ["type", "exact_match", "token_f1", "n"])]
+    if "classify" in result["tasks"]:
+        lines += ["", "## Classification", "", "![confusion](confusion.png)"]
+    if "routing" in result:
+        lines += ["", "## Expert routing (held-out records)", "", "![routing](routing_eval.png)"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in headline.items()))
+    print(f"wrote {out / 'report.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main(load_config(EvalConfig))

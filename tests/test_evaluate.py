@@ -1,0 +1,112 @@
+"""evaluate.py and export_gptq.py on tiny models the tests build: every metric of a VLM run lands in metrics.json and
+report.md, the likelihood classifier follows the model's preference, comparisons tabulate runs, GPTQ W4A16 of a
+text LLM reloads with transformers and barely moves perplexity, and bad input stops with a clear message."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_vlm import TINY_VISION, llm_dir, pipeline  # noqa: F401  (fixtures: real micrograph records, a tiny LLM)
+
+from semivlm import evaluation as ev
+from semivlm import vlm
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(llm_dir, tmp_path_factory) -> Path:  # noqa: F811
+    model, processor = vlm.build_vlm(TINY_VISION["clip"], str(llm_dir))
+    path = tmp_path_factory.mktemp("vlm") / "final"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def data_files(pipeline: Path) -> list[str]:  # noqa: F811
+    return [str(pipeline / f"annotations/{n}.jsonl") for n in ("captions", "vqa", "classify")]
+
+
+def test_vlm_evaluation_writes_every_metric_report_and_confusion_plot(vlm_dir, pipeline, tmp_path):  # noqa: F811
+    from evaluate import EvalConfig, main
+
+    out = tmp_path / "eval"
+    result = main(EvalConfig(model=str(vlm_dir), data=data_files(pipeline), output_dir=str(out), split="",
+                             max_new_tokens=8, metrics_backend="python"))
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("bleu4", "rouge_l", "cider", "vqa_exact_match", "vqa_token_f1", "top1", "top5", "size_mb"):
+        assert key in saved["headline"], key
+    assert 0.0 <= saved["headline"]["top1"] <= saved["headline"]["top5"] <= 1.0
+    cls = saved["tasks"]["classify"]
+    assert sum(map(sum, cls["confusion"])) == cls["n"] == 4  # the 4 micrographs' classification records
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "vqa_exact_match" in report and "## VQA by question type" in report
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {x["task"] for x in lines} == {"caption", "vqa", "classify"}
+
+
+def test_classifier_picks_the_class_the_model_is_made_to_prefer(vlm_dir, pipeline):  # noqa: F811
+    model, processor, is_vlm = ev.load_model(str(vlm_dir))
+    rows = [r for r in ev.read_records(data_files(pipeline)) if r[0]["meta"]["task"] == "classify"][:2]
+    classes = ["particles", "nanowires", "tips"]
+    tok = processor.tokenizer
+    preferred = tok("nanowires", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # lm_head rows of the preferred answer's tokens get a large bias: its likelihood must win
+        bias = torch.zeros(model.lm_head.out_features)
+        bias[preferred] = 20.0
+        model.lm_head.bias = torch.nn.Parameter(bias)
+    scores = ev.option_scores(model, processor, is_vlm, rows, classes)
+    assert scores.shape == (2, 3)
+    assert (scores.argmax(1) == 1).all(), scores
+
+
+def test_comparison_puts_runs_side_by_side(tmp_path):
+    from evaluate import EvalConfig, main
+
+    for name, top1 in (("dense", 0.5), ("moe", 0.75)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"name": name, "headline": {"top1": top1, "bleu4": 0.1}}))
+    main(EvalConfig(compare=[str(tmp_path / "dense"), str(tmp_path / "moe")], output_dir=str(tmp_path / "cmp")))
+    table = (tmp_path / "cmp/report.md").read_text()
+    assert "| dense" in table and "| moe" in table and "0.75" in table and "top1" in table
+
+
+def test_vlm_directory_without_processor_is_a_clear_error(vlm_dir, tmp_path):
+    broken = tmp_path / "noproc"
+    shutil.copytree(vlm_dir, broken)
+    for f in ("processor_config.json", "preprocessor_config.json"):
+        (broken / f).unlink(missing_ok=True)
+    with pytest.raises(SystemExit, match="without a processor"):
+        ev.load_model(str(broken))
+
+
+def test_text_llm_gptq_export_reloads_generates_and_keeps_perplexity_close(llm_dir, pipeline, tmp_path):  # noqa: F811
+    from export_gptq import ExportConfig, main
+
+    records = [json.loads(x) for x in (pipeline / "annotations/vqa.jsonl").read_text().splitlines()]
+    text = tmp_path / "text.jsonl"  # the VQA conversations without their images: text calibration and held-out data
+    with open(text, "w") as f:
+        for r in records:
+            msgs = [{"role": m["role"], "content": " ".join(p.get("text", "") for p in m["content"])} for m in r["messages"]]
+            f.write(json.dumps({"id": r["id"], "messages": msgs, "meta": {"split": "train"}}) + "\n")
+    report = main(ExportConfig(model=str(llm_dir), output_dir=str(tmp_path / "gptq"), calibration=[str(text)],
+                               num_calibration_samples=8, group_size=32, eval_data=[str(text)], eval_split="train"))
+    assert report["size_mb_quantised"] < report["size_mb_source"]
+    config = json.loads((tmp_path / "gptq/config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    before, after = report["before"]["value"], report["after"]["value"]
+    assert abs(after - before) / before < 0.1, (before, after)
+    assert isinstance(report["reloaded_answer"], str)
+
+
+def test_gptq_refuses_a_group_size_that_does_not_divide_and_a_calibration_without_records(llm_dir, tmp_path):  # noqa: F811
+    from export_gptq import ExportConfig, main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "q"}], "meta": {"split": "train"}}) + "\n")
+    with pytest.raises(SystemExit, match="use --group_size 64"):
+        main(ExportConfig(model=str(llm_dir), output_dir=str(tmp_path / "x"), calibration=[str(empty)], group_size=128 * 3))
+    with pytest.raises(SystemExit, match="no usable records"):
+        main(ExportConfig(model=str(llm_dir), output_dir=str(tmp_path / "x"), calibration=[str(empty)], group_size=32))
