@@ -41,6 +41,16 @@ demo: setup
 		--train_data "[$(RUN)/annotations/captions.jsonl,$(RUN)/annotations/vqa.jsonl,$(RUN)/annotations/classify.jsonl,$(RUN)/instructions/instructions.jsonl]"
 	$(PY) train_moe.py --config launch/configs/debug/moe.yaml --output_dir $(RUN)/moe --init_from $(RUN)/llm/final \
 		--train_data "[$(RUN)/annotations/captions.jsonl,$(RUN)/annotations/vqa.jsonl,$(RUN)/annotations/classify.jsonl,$(RUN)/instructions/instructions.jsonl]"
+	$(PY) evaluate.py --model $(RUN)/moe/final --output_dir $(RUN)/eval/moe --limit 30 --max_new_tokens 48 \
+		--data "[$(RUN)/annotations/captions.jsonl,$(RUN)/annotations/vqa.jsonl,$(RUN)/annotations/classify.jsonl]"
+	$(PY) export_gptq.py --model $(RUN)/sft/final --output_dir $(RUN)/gptq_sft --group_size 32 \
+		--calibration $(RUN)/instructions/instructions.jsonl --num_calibration_samples 64 \
+		--eval_data $(RUN)/instructions/instructions.jsonl --eval_split validation
+	$(PY) evaluate.py --model $(RUN)/sft/final --output_dir $(RUN)/eval/sft --split validation --limit 50 \
+		--data $(RUN)/instructions/instructions.jsonl --corpus $(RUN)/corpus/validation
+	$(PY) evaluate.py --model $(RUN)/gptq_sft --output_dir $(RUN)/eval/gptq_sft --split validation --limit 50 \
+		--data $(RUN)/instructions/instructions.jsonl --corpus $(RUN)/corpus/validation
+	$(PY) evaluate.py --compare "[$(RUN)/eval/sft,$(RUN)/eval/gptq_sft,$(RUN)/eval/moe]" --output_dir $(RUN)/eval
 
 clean:
 	rm -rf runs

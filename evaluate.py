@@ -213,9 +213,9 @@ def main(cfg: EvalConfig) -> dict:
                 result["routing"] = {"held_out": "routing_eval.json",
                                      "plot": metrics.plot_routing(routing, out / "routing_eval.png")}
             trained = Path(cfg.model) / "routing.json"
-            if trained.is_file():
-                result["routing"]["training_plot"] = metrics.plot_routing(json.loads(trained.read_text()),
-                                                                          out / "routing_train.png")
+            summary = json.loads(trained.read_text()) if trained.is_file() else {}
+            if summary.get("layers"):  # the training-time shares of the last save interval
+                result.setdefault("routing", {})["training_plot"] = metrics.plot_routing(summary, out / "routing_train.png")
     except RecordError as e:
         raise SystemExit(f"bad record: {e}") from None
 

@@ -310,15 +310,20 @@ def run(cfg: MoEConfig) -> dict:
                           vlm.image_tokens_per_image(processor, some_image), model.config.image_token_id, pad_id)
     loss_fn = moe_loss(cfg, probe, model.config.image_token_id, base_loss) if probe else base_loss
 
+    last_routing: dict = {}
+
     def routing_files() -> dict[str, str]:  # every rank calls it at a save: the statistics are summed over ranks
         probe.all_reduce(partial(accelerator.reduce, reduction="sum"))
         summary = probe.summary()
         probe.reset()
+        if not summary["layers"] and last_routing:  # the export right after a checkpoint of the same step
+            return last_routing
         for layer in summary["layers"]:
             shares = {k: "/".join(f"{x:.2f}" for x in layer[k]) if layer[k] else "-" for k in ("image", "text")}
             accelerator.print(f"routing layer {layer['layer']} | image tokens {shares['image']} | text tokens "
                               f"{shares['text']} | aux {layer['aux_loss_mean']:.3f}")
-        return {"routing.json": json.dumps(summary, indent=1) + "\n"}
+        last_routing.update({"routing.json": json.dumps(summary, indent=1) + "\n"})
+        return dict(last_routing)
 
     # ---- train, then the export; what the stage trained is logged by the loop ("training N of M parameters")
     accelerator.print(f"stage {cfg.stage}: trains {stage['trains']}{' + vision tower' if cfg.unfreeze_vision_tower else ''}"
