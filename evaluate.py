@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from semivlm import evaluation as ev  # noqa: E402
 from semivlm import metrics  # noqa: E402
 from semivlm.config import load_config  # noqa: E402
-from semivlm.data import RecordError  # noqa: E402
+from semivlm.data import RecordError, record_task  # noqa: E402
 
 # headline metrics of one run, in the order the comparison table shows them
 HEADLINE = ["perplexity", "corpus_perplexity", "bleu4", "meteor", "rouge_l", "cider", "vqa_exact_match",
@@ -56,10 +56,6 @@ class EvalConfig:
     name: str = ""  # this run's label in comparisons (default: the model directory)
     compare: list[str] = field(default_factory=list)  # evaluation output dirs to tabulate instead of evaluating
     dtype: Literal["float32", "bfloat16"] = "float32"
-
-
-def task_of(record: dict) -> str:
-    return record.get("meta", {}).get("task") or ("vqa" if record.get("images") else "instruction")
 
 
 def progress_printer(what: str):
@@ -129,7 +125,7 @@ def main(cfg: EvalConfig) -> dict:
     records = ev.read_records(cfg.data, cfg.split)
     by_task: dict[str, list] = {}
     for r, root in records:
-        task = task_of(r)
+        task = record_task(r)
         if is_vlm or not r.get("images"):  # a text LLM cannot see: image records are not its to answer
             by_task.setdefault(task, []).append((r, root))
     limited = {t: rows[:cfg.limit] if cfg.limit else rows for t, rows in by_task.items()}

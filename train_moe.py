@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from semivlm import dpo, moe, vlm  # noqa: E402
 from semivlm.checkpoint import find_latest_checkpoint, unpartitioned  # noqa: E402
 from semivlm.config import load_config  # noqa: E402
-from semivlm.data import RecordError, read_jsonl  # noqa: E402
+from semivlm.data import RecordError, read_jsonl, record_task  # noqa: E402
 from semivlm.loop import TrainConfig, causal_lm_loss, make_accelerator, supervised_tokens, train, zero_stage  # noqa: E402
 from semivlm.model import resolve_attn_implementation  # noqa: E402
 
@@ -93,7 +93,7 @@ def read_records(cfg: MoEConfig, files: list[str], split: str, tasks: tuple[str,
     for path in files:
         try:
             for r in read_jsonl(path, skip_bad=cfg.skip_invalid):
-                task = r.get("meta", {}).get("task") or ("vqa" if r.get("images") else "instruction")
+                task = record_task(r)
                 if (not split or r.get("meta", {}).get("split", split) == split) and (cfg.objective == "dpo" or task in tasks):
                     rows.append((r, Path(path).parent))
         except RecordError as e:

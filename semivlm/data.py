@@ -99,3 +99,8 @@ def text_record(record_id: str, prompt: str, response: str, meta: dict) -> dict:
             "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]},
                          {"role": "assistant", "content": [{"type": "text", "text": response}]}],
             "meta": meta}
+
+
+def record_task(record: dict) -> str:
+    """meta.task, else "vqa" for a record with images and "instruction" for a text-only one."""
+    return record.get("meta", {}).get("task") or ("vqa" if record.get("images") else "instruction")
