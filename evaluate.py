@@ -55,6 +55,7 @@ class EvalConfig:
     bertscore_model: str = ""  # a local model directory for BERTScore (empty = skipped)
     name: str = ""  # this run's label in comparisons (default: the model directory)
     compare: list[str] = field(default_factory=list)  # evaluation output dirs to tabulate instead of evaluating
+    training: list[str] = field(default_factory=list)  # with compare: training output dirs, one row each (history.json)
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
@@ -104,10 +105,40 @@ def compare(cfg: EvalConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = metrics.markdown_table(rows, columns)
-    (out / "report.md").write_text("# Comparison\n\n" + table + "\n")
-    ev.save_json(out / "comparison.json", rows)
-    print(table)
-    return {"rows": rows}
+    text = f"# {cfg.name or 'Comparison'}\n\n## Held-out metrics\n\n{table}"
+    training = [training_summary(d) for d in cfg.training]
+    if training:
+        columns = ["stage", "steps", "train_loss", "eval_loss", "tokens_per_s", "mfu_percent", "peak_mem_gib",
+                   "class_accuracy"]
+        text += ("\n## Training\n\nMedian tokens/s and MFU over the logged steps; class_accuracy is the held-out "
+                 "share of generated answers naming the right category after the stage (train_moe.py).\n\n"
+                 + metrics.markdown_table(training, columns))
+    (out / "report.md").write_text(text)
+    ev.save_json(out / "comparison.json", {"evaluations": rows, "training": training})
+    print(text)
+    return {"rows": rows, "training": training}
+
+
+def training_summary(run_dir: str) -> dict:
+    """One training stage's row: steps, last train and eval loss, median throughput, peak memory, class accuracy."""
+    import statistics
+
+    path = Path(run_dir) / "history.json"
+    if not path.is_file():
+        raise SystemExit(f"compare: training run '{run_dir}' has no history.json")
+    history = json.loads(path.read_text())
+    steps = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    median = lambda key: statistics.median(h[key] for h in steps if key in h) if steps else None  # noqa: E731
+    row = {"stage": Path(run_dir).name, "steps": steps[-1]["step"] if steps else 0,
+           "train_loss": steps[-1]["loss"] if steps else None, "eval_loss": evals[-1]["eval_loss"] if evals else None,
+           "tokens_per_s": median("tokens_per_s"),
+           "mfu_percent": 100 * median("mfu") if any("mfu" in h for h in steps) else None,
+           "peak_mem_gib": max((h.get("peak_mem_gib", 0) for h in steps), default=None)}
+    accuracy = Path(run_dir) / "classification.json"
+    if accuracy.is_file():
+        row["class_accuracy"] = json.loads(accuracy.read_text()).get("classify_accuracy")
+    return row
 
 
 def main(cfg: EvalConfig) -> dict:
