@@ -13,13 +13,17 @@ Steps: a LoRA adapter directory is merged onto its base first; the model is cali
 training data (images and text for a VLM) and quantised to 4-bit weights in groups (16-bit activations) by GPTQ;
 the vision tower, the projector, MoE routers and lm_head stay unquantised. MoE experts are calibrated on every
 calibration token (llm-compressor's all-experts calibration), since an expert that sees no tokens gets broken scales;
-the export then checks every expert's scales (finite, positive, not all equal). The result is written atomically,
-reloaded with plain transformers, made to generate, and compared with the unquantised model: size on disk and the
-held-out metric (class top-1 by likelihood for classification records, answer perplexity for the others).
+the export then checks every expert's scales (finite, positive, not all equal). The result is written atomically in
+the architecture's own checkpoint layout (a Mixtral's experts as block_sparse_moe.experts.<e>.w1/w3/w2, as vLLM and
+transformers read them; the ignore list under both checkpoint and transformers-5 module names), reloaded with plain
+transformers (every tensor must find its weight), made to generate, and compared with the unquantised model: size on
+disk and the held-out metric (class top-1 by likelihood for classification records, answer perplexity for the others).
 """
 from __future__ import annotations
 
+import json
 import random
+import re
 import shutil
 import sys
 import time
@@ -157,6 +161,102 @@ def expert_scale_report(model) -> dict:
     return report
 
 
+# ---------------------------------------------------------------- checkpoint names
+
+def name_experts_as_checkpoint(model) -> dict[str, str]:
+    """Make save_pretrained write llm-compressor's per-expert Linears under the architecture's checkpoint names.
+
+    transformers 5 holds MoE experts fused (experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I)) and converts
+    per-expert checkpoint tensors on load: Mixtral's `block_sparse_moe.experts.<e>.w1/w3/w2`, Qwen-MoE's
+    `mlp.experts.<e>.gate_proj/up_proj/down_proj`. llm-compressor calibrates and quantises the experts as one Linear per
+    expert projection named gate_proj/up_proj/down_proj; saving reverts only the renamings of the load conversion (its
+    fused-expert converters no longer match), so a Mixtral export came out as `experts.<e>.gate_proj.weight_packed`,
+    a name neither transformers' Mixtral loader nor vLLM's (`experts.<e>.w1`) reads: the experts were silently left
+    uninitialised on reload. Each fused-expert converter of the model's conversion list is replaced here by per-expert
+    renamings with the same scope, taken from its own source patterns, so the export has the layout of an unquantised
+    checkpoint of the architecture, which transformers (dequantising each expert, then fusing) and vLLM both load.
+    Returns {linearised name: checkpoint name} of the parts renamed (empty for a dense model or Qwen-MoE names)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # built in memory, not loaded: the mapping save_pretrained would use
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                       if not isinstance(c, PrefixChange)]
+    out, renamed = [], {}
+    for conv in conversions:
+        targets = conv._original_target_patterns
+        fused = isinstance(conv, WeightConverter) and len(targets) == 1 and \
+            re.search(r"experts\.(gate_up_proj|up_proj|down_proj)$", targets[0])
+        if not fused:
+            out.append(conv)
+            continue
+        parts = ["gate_proj", "up_proj"] if fused[1] == "gate_up_proj" else [fused[1]]
+        sources = conv._original_source_patterns
+        if len(sources) != len(parts):
+            raise SystemExit(f"export: unexpected fused-expert conversion {sources} -> {targets}: cannot name the "
+                             "quantised experts as the checkpoint format does")
+        for src, part in zip(sources, parts):
+            m = re.fullmatch(r"(.*)\.experts\.\*\.(\w+)\.weight", src)
+            if not m:
+                raise SystemExit(f"export: unexpected fused-expert source pattern {src!r}")
+            lead, ckpt = m[1], m[2]
+            rename = WeightRenaming(source_patterns=re.escape(lead) + rf"\.experts\.(\d+)\.{ckpt}\.",
+                                    target_patterns=lead + rf".experts.\1.{part}.")
+            rename.scope_prefix, rename.base_model_prefix = conv.scope_prefix, conv.base_model_prefix
+            out.append(rename)
+            if ckpt != part:
+                renamed[part] = ckpt
+    model._weight_conversions = out  # what save_pretrained and compressed-tensors' ignore-name mapping revert
+    return renamed
+
+
+def unquantised_linears(model) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and getattr(m, "quantization_scheme", None) is None]
+
+
+def finish_config(directory: Path, module_names: list[str]) -> list[str]:
+    """Fix up the written config.json; returns its ignore list.
+
+    compressed-tensors writes the ignore list in checkpoint names (`vision_tower.encoder…`, `language_model.model.…`),
+    which vLLM matches; transformers 5 matches it against its own module names (`model.vision_tower.encoder…`,
+    `model.language_model.…`) and so wrapped the unquantised vision tower and projector as 4-bit layers with nothing
+    to load into them ("tensor column shape must be divisible by the given group_size" at the first forward). The list is
+    written with both spellings of every unquantised Linear plus this script's patterns, which match either. And vLLM
+    builds a Llava's language model from text_config.architectures (it fills that in for Mistral only), which
+    llm-compressor's rewrite of config.json from the source model's leaves out when the source had none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    qc = config["quantization_config"]
+    patterns = [p for p in IGNORE if p.startswith("re:")]
+    qc["ignore"] = list(dict.fromkeys(qc.get("ignore", []) + module_names + patterns))
+    text = config.get("text_config")
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.get("model_type")) if isinstance(text, dict) else None
+    if causal_lm and not text.get("architectures"):
+        text["architectures"] = [causal_lm]
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return qc["ignore"]
+
+
+def reload_export(path: Path, is_vlm: bool):
+    """(model, processor) of the written export with plain transformers; an error when any checkpoint tensor was left
+    unused or any model weight unfilled (a name mismatch would otherwise leave random weights behind)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    from semivlm.model import load_tokenizer
+
+    cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    model, info = cls.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
+    bad = {k: sorted(info.get(k) or [])[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+           if info.get(k)}
+    if bad:
+        raise RuntimeError(f"checkpoint names do not match the model: {bad}")
+    return model.eval(), AutoProcessor.from_pretrained(str(path)) if is_vlm else load_tokenizer(str(path))
+
+
 # ---------------------------------------------------------------- held-out metric
 
 def held_out_metric(model, processor, is_vlm: bool, rows) -> dict:
@@ -198,15 +298,18 @@ def main(cfg: ExportConfig) -> dict:
     gptq_s = time.perf_counter() - t0
     experts = expert_scale_report(model)
 
-    # ---- write atomically, then reload with plain transformers and generate
+    # ---- write atomically (experts and ignore list named for transformers and vLLM alike), reload, generate
     shutil.rmtree(tmp, ignore_errors=True)
+    expert_names = name_experts_as_checkpoint(model)
+    unquantised = unquantised_linears(model)
     model.save_pretrained(tmp, save_compressed=True)
+    ignore = finish_config(tmp, unquantised)
     processor.save_pretrained(tmp)
     if (Path(cfg.model) / "generation_config.json").is_file():
         shutil.copy(Path(cfg.model) / "generation_config.json", tmp / "generation_config.json")
     del model
     try:
-        reloaded, processor, is_vlm = ev.load_model(str(tmp))
+        reloaded, processor = reload_export(tmp, is_vlm)
     except Exception as e:  # never publish an export that transformers cannot load
         raise SystemExit(f"the quantised model in {tmp} does not reload with transformers "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); {out} was left as it was") from None
@@ -220,7 +323,8 @@ def main(cfg: ExportConfig) -> dict:
 
     # ---- report
     report = {"source": source, "output": str(out), "scheme": f"W4A16 int4 symmetric, group {cfg.group_size}",
-              "ignored": IGNORE, "calibration_samples": len(examples), "calibration_tokens_first": len(sample["input_ids"]),
+              "ignored": IGNORE, "ignore_entries": len(ignore), "expert_checkpoint_names": expert_names,
+              "calibration_samples": len(examples), "calibration_tokens_first": len(sample["input_ids"]),
               "gptq_seconds": round(gptq_s, 1), "size_mb_source": ev.disk_size(weights_dir) / 2**20,
               "size_mb_quantised": ev.disk_size(out) / 2**20, "experts_checked": len(experts),
               "reloaded_answer": answer, "before": before, "after": after, "config": asdict(cfg)}
