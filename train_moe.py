@@ -58,8 +58,11 @@ class MoEConfig(TrainConfig):
     train_split: str = "train"
     eval_split: str = "validation"
     tasks: list[str] = field(default_factory=list)  # override the stage's data mix (caption, vqa, classify, instruction)
+    task_repeats: dict = field(default_factory=dict)  # copies of each training record per task, e.g. {classify: 4}
     vision_tower: str = ""  # projector stage from an LLM: CLIP/SigLIP directory or hub id ...
     vision_config: dict = field(default_factory=dict)  # ... or a tiny random tower {model_type: clip_vision_model, ...}
+    vision_feature_layer: int = 0  # projector stage: tower layer the projector reads (0 = CLIP -2 as LLaVA, SigLIP -1)
+    vision_feature_select_strategy: str = ""  # projector stage: "" = the family's; full keeps CLIP's class token
     learning_rate: float = 0.0  # 0 = the stage's default from STAGES
     projector_lr: float = 0.0  # 0 = the stage's default
     unfreeze_vision_tower: bool = False  # llm/moe stages: train the vision tower too
@@ -121,6 +124,18 @@ def encode(cfg: MoEConfig, processor, rows: list[tuple[dict, Path]], where: str,
     return examples
 
 
+def repeat_tasks(cfg: MoEConfig, examples: list[dict], rows: list[tuple[dict, Path]], log) -> list[dict]:
+    """The data mix's weights: each example of a task in task_repeats taken that many times (encoded once)."""
+    if unknown := set(cfg.task_repeats) - {"caption", "vqa", "classify", "instruction"}:
+        raise SystemExit(f"task_repeats: unknown task(s) {sorted(unknown)}; tasks are caption, vqa, classify, instruction")
+    if not cfg.task_repeats:
+        return examples
+    task_of = {r.get("id"): record_task(r) for r, _ in rows}
+    out = [e for e in examples for _ in range(int(cfg.task_repeats.get(task_of.get(e["id"]), 1)))]
+    log(f"train: {len(examples)} samples -> {len(out)} with task repeats {cfg.task_repeats}")
+    return out
+
+
 # ---------------------------------------------------------------- model
 
 def starting_model_dir(cfg: MoEConfig, accelerator) -> Path:
@@ -143,7 +158,9 @@ def starting_model_dir(cfg: MoEConfig, accelerator) -> Path:
                 if not (cfg.vision_tower or cfg.vision_config):
                     raise SystemExit("--stage projector from an LLM needs vision_tower (a CLIP/SigLIP directory or "
                                      "hub id) or vision_config (a tiny random tower)")
-                model, processor = vlm.build_vlm(cfg.vision_tower or cfg.vision_config, cfg.init_from)
+                model, processor = vlm.build_vlm(cfg.vision_tower or cfg.vision_config, cfg.init_from,
+                                                 feature_layer=cfg.vision_feature_layer,
+                                                 feature_strategy=cfg.vision_feature_select_strategy)
             else:
                 dense, processor = vlm.load_vlm(source)
                 model = moe.upcycle(dense, cfg.num_experts, cfg.top_k, cfg.moe_every, seed=cfg.seed)
@@ -286,7 +303,8 @@ def run(cfg: MoEConfig) -> dict:
         raise SystemExit("train_data is required: JSONL record files (captions, VQA, classification, instructions)")
     train_rows = read_records(cfg, cfg.train_data, cfg.train_split, tasks)
     eval_rows = read_records(cfg, cfg.eval_data or cfg.train_data, cfg.eval_split, tasks)
-    train_set = encode(cfg, processor, train_rows, "train", accelerator.print)
+    train_set = repeat_tasks(cfg, encode(cfg, processor, train_rows, "train", accelerator.print), train_rows,
+                             accelerator.print)
     eval_set = encode(cfg, processor, eval_rows, "held-out", accelerator.print) or None
     if not train_set:
         raise SystemExit(f"no usable {cfg.train_split} records of tasks {tasks} in {cfg.train_data}")

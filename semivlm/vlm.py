@@ -89,10 +89,18 @@ def _image_processor(kind: str, size: int, mean, std):
     return cls(**sizes, image_mean=mean, image_std=std)
 
 
-def build_vlm(vision, llm: str, dtype=torch.float32, image_size: int | None = None, attn_implementation: str = "sdpa"):
+def vision_layers(tower) -> int:
+    return tower.config.num_hidden_layers
+
+
+def build_vlm(vision, llm: str, dtype=torch.float32, image_size: int | None = None, attn_implementation: str = "sdpa",
+              feature_layer: int = 0, feature_strategy: str = ""):
     """(LlavaForConditionalGeneration, LlavaProcessor) from a vision tower (CLIP/SigLIP dir or hub id, or a tiny
     config dict) and an LLM directory (AutoModelForCausalLM + its tokenizer with a chat template). The LLM's and the
-    tower's weights are copied exactly (strict keys); the projector is random."""
+    tower's weights are copied exactly (strict keys); the projector is random. feature_layer (0 = the family's, CLIP
+    -2 as LLaVA, SigLIP -1) and feature_strategy ("" = the family's; "full" keeps CLIP's class token, "default" drops
+    it) choose what the projector reads: a tower trained for classification here carries its class in the last
+    layer's class token, which LLaVA's pick for web-pretrained CLIP would throw away."""
     from transformers import AddedToken, AutoModelForCausalLM, AutoModelForImageTextToText, LlavaConfig, LlavaProcessor
 
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -104,6 +112,10 @@ def build_vlm(vision, llm: str, dtype=torch.float32, image_size: int | None = No
                            "build it inside semivlm.checkpoint.unpartitioned(), save it, then load_vlm the directory")
     tower, kind, mean, std = _vision_tower(vision, image_size, dtype, attn_implementation)
     strategy, n_extra, layer = VISION_KINDS[kind]
+    layer, strategy = feature_layer or layer, feature_strategy or strategy
+    if strategy not in ("default", "full") or not -vision_layers(tower) <= layer <= vision_layers(tower):
+        raise SystemExit(f"vision feature layer {layer} / strategy '{strategy}': the layer must lie within the tower's "
+                         f"{vision_layers(tower)} (negative counts from the last) and the strategy be default or full")
     tok = load_tokenizer(llm)
     if not tok.chat_template:
         raise SystemExit(f"{llm}: the tokenizer has no chat template; the VLM's records are conversations")

@@ -184,3 +184,16 @@ def test_a_record_with_more_placeholders_than_images_stops_with_one_line_naming_
     assert "two-placeholders-1" in result.stderr and re.search(r"image", result.stderr), result.stderr[-1000:]
     skipped = run_stage(args + ["--skip_invalid", "true", "--max_steps", "1", "--classify_eval", "0"])
     assert skipped["final_dir"]
+
+
+def test_task_repeats_weight_the_data_mix_and_unknown_tasks_are_an_error():
+    from train_moe import repeat_tasks
+
+    rows = [({"id": "a", "images": ["x.png"], "meta": {"task": "classify"}}, Path(".")),
+            ({"id": "b", "images": ["x.png"], "meta": {"task": "caption"}}, Path("."))]
+    examples = [{"id": "a"}, {"id": "b"}]
+    out = repeat_tasks(MoEConfig(task_repeats={"classify": 3}), examples, rows, lambda *_: None)
+    assert [e["id"] for e in out] == ["a", "a", "a", "b"]
+    assert repeat_tasks(MoEConfig(), examples, rows, print) is examples
+    with pytest.raises(SystemExit, match="unknown task.*captions"):
+        repeat_tasks(MoEConfig(task_repeats={"captions": 2}), examples, rows, print)

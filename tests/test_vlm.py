@@ -168,6 +168,19 @@ def test_encoded_record_equals_the_processors_own_expansion_and_labels_only_the_
         assert labelled == answer + ("<|im_end|>" if template == "chatml" else "<|eot_id|>")
 
 
+def test_projector_can_read_the_last_layer_with_the_class_token_and_records_count_it(llm_dir, pipeline):
+    model, processor = vlm.build_vlm(TINY_VISION["clip"], str(llm_dir), feature_layer=-1, feature_strategy="full")
+    assert model.config.vision_feature_layer == -1 and model.config.vision_feature_select_strategy == "full"
+    record = records(pipeline)[0]
+    example = vlm.encode_vlm_record(processor, record, pipeline / "annotations", 512)
+    image_id = model.config.image_token_index
+    assert sum(i == image_id for i in example["input_ids"]) == IMAGE_TOKENS + 1  # 64 patches + the class token
+    with torch.no_grad():  # Llava checks that the features fill exactly the placeholders
+        model.eval()(input_ids=torch.tensor([example["input_ids"]]), pixel_values=example["pixel_values"])
+    with pytest.raises(SystemExit, match="layer 5"):
+        vlm.build_vlm(TINY_VISION["clip"], str(llm_dir), feature_layer=5)
+
+
 def test_text_only_records_encode_through_the_same_function_without_pixels(built):
     processor = built["clip"][1]
     ex = vlm.encode_vlm_record(processor, text_record("t1", "What does CMP remove?", "The copper overburden.", {}),
