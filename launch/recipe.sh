@@ -208,7 +208,9 @@ for i in "${!STAGES[@]}"; do
         echo "recipe: stage '$s' stopped before its last step (checkpoint written); rerun the same command to resume" >&2
         exit 3
     fi
-    printf 'fingerprint %s\nfinished %s\nseconds %d\n' "$fp" "$(date '+%F %T')" $((SECONDS - t)) > "$STATE/$s.done"
+    # the run id makes every completion distinct (two within one second too), so the stages after it see the change
+    printf 'fingerprint %s\nfinished %s\nrun %s\nseconds %d\n' "$fp" "$(date '+%F %T')" "$(date +%s%N)-$$-$RANDOM" \
+        $((SECONDS - t)) > "$STATE/$s.done"
     ran=$((ran + 1))
     echo "$tag done in $((SECONDS - t))s | elapsed $(elapsed)"
 done
