@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from semivlm import vlm  # noqa: E402
-from semivlm.chat import SkipRecord, encode_counted  # noqa: E402
+from semivlm.chat import SkipRecord, encode_counted, record_error  # noqa: E402
 from semivlm.config import load_config  # noqa: E402
 from semivlm.data import RecordError, read_jsonl  # noqa: E402
 from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage  # noqa: E402
@@ -92,7 +92,7 @@ def build_clip(cfg: VisionConfig, dtype):
                         **{k: v for k, v in spec.items() if k not in ("vision_config", "text_config")})
     model = CLIPModel._from_config(config, dtype=dtype)
     mean, std = vlm.DEFAULT_NORM["clip"]
-    return model, CLIPProcessor(image_processor=vlm._image_processor("clip", config.vision_config.image_size, mean, std),
+    return model, CLIPProcessor(image_processor=vlm.image_processor("clip", config.vision_config.image_size, mean, std),
                                 tokenizer=tok)
 
 
@@ -110,15 +110,15 @@ def image_text_pairs(cfg: VisionConfig, processor, files: list[str], split: str,
         rid = str(rec.get("id") or f"#{n}") if isinstance(rec, dict) else f"#{n}"
         images = rec.get("images") if isinstance(rec, dict) else None
         if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
-            raise vlm._bad(rid, "needs exactly one image", f"images={images!r}")
+            raise record_error(rid, "needs exactly one image", f"images={images!r}")
         answers = [m for m in rec.get("messages") or [] if isinstance(m, dict) and m.get("role") == "assistant"]
         content = answers[0].get("content") if answers else None
         text = content if isinstance(content, str) else " ".join(
             p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
         if not text.strip():
-            raise vlm._bad(rid, f"no {task} text", "no assistant turn with text")
+            raise record_error(rid, f"no {task} text", "no assistant turn with text")
         ids = tok(text.strip(), add_special_tokens=False)["input_ids"][:cfg.max_text_length - 1] + [tok.eos_token_id]
-        pixels = vlm._pixel_values(processor, images, root, rid, cfg.max_aspect_ratio, cache)[0]
+        pixels = vlm.load_pixel_values(processor, images, root, rid, cfg.max_aspect_ratio, cache)[0]
         return {"id": rid, "pixel_values": pixels, "input_ids": ids, "text": text.strip()}, len(ids) == cfg.max_text_length
 
     for path in files:

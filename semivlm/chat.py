@@ -43,7 +43,7 @@ class SkipRecord(RecordError):
         self.reason, self.record_id = reason, record_id
 
 
-def _bad(record_id: str, reason: str, detail: str = "") -> RecordError:
+def record_error(record_id: str, reason: str, detail: str = "") -> RecordError:
     """A RecordError naming the record, with a short `reason` for counting."""
     err = RecordError(f"record {record_id}: {reason}" + (f" ({detail})" if detail else ""))
     err.reason = reason
@@ -66,35 +66,36 @@ def _content_text(content, record_id: str, i: int) -> str:
     detail = f"message {i + 1}: content must be a string or a list of {{'type': 'text', 'text': str}} parts"
     if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image" for p in content):
         detail += "; image parts belong to the multimodal path"
-    raise _bad(record_id, "bad content", detail)
+    raise record_error(record_id, "bad content", detail)
 
 
 def normalise_messages(messages, record_id: str) -> list[dict]:
     """Validate roles and contents; return [{"role", "content": str}]. Optional leading system message, then
     user/assistant alternating from user, ending on assistant; no empty assistant message."""
     if not isinstance(messages, list) or not messages:
-        raise _bad(record_id, "no messages", "'messages' must be a non-empty list")
+        raise record_error(record_id, "no messages", "'messages' must be a non-empty list")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _bad(record_id, "bad message", f"message {i + 1} needs 'role' and 'content'")
+            raise record_error(record_id, "bad message", f"message {i + 1} needs 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise _bad(record_id, "unknown role", f"message {i + 1} has role {m['role']!r}; expected one of {ROLES}")
+            raise record_error(record_id, "unknown role",
+                               f"message {i + 1} has role {m['role']!r}; expected one of {ROLES}")
         out.append({"role": m["role"], "content": _content_text(m["content"], record_id, i)})
     if not any(m["role"] == "assistant" for m in out):
-        raise _bad(record_id, "no assistant turn", "nothing to supervise")
+        raise record_error(record_id, "no assistant turn", "nothing to supervise")
     body = out[1:] if out[0]["role"] == "system" else out
     offset = len(out) - len(body)
     for i, m in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise _bad(record_id, "roles out of order", f"message {i + 1 + offset} is {m['role']!r}, expected "
-                       f"{expected!r} (optional system first, then user/assistant alternating from user)")
+            raise record_error(record_id, "roles out of order", f"message {i + 1 + offset} is {m['role']!r}, expected "
+                               f"{expected!r} (optional system first, then user/assistant alternating from user)")
     if body[-1]["role"] != "assistant":
-        raise _bad(record_id, "roles out of order", "the conversation does not end with an assistant turn")
+        raise record_error(record_id, "roles out of order", "the conversation does not end with an assistant turn")
     for i, m in enumerate(out):
         if m["role"] == "assistant" and not m["content"].strip():
-            raise _bad(record_id, "empty assistant message", f"message {i + 1}")
+            raise record_error(record_id, "empty assistant message", f"message {i + 1}")
     return out
 
 
@@ -103,7 +104,7 @@ def _render(tokenizer, messages: list[dict], record_id: str, **kwargs):
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as e:  # jinja raise_exception, TemplateError, ...: the template refused this conversation
-        raise _bad(record_id, "template error", f"{type(e).__name__}: {e}") from None
+        raise record_error(record_id, "template error", f"{type(e).__name__}: {e}") from None
 
 
 def _runs(mask: list[int]) -> list[tuple[int, int]]:
@@ -131,8 +132,9 @@ def _spans_generation(tokenizer, messages, record_id):
     ids, runs = list(enc["input_ids"]), _runs(enc["assistant_masks"])
     n_turns = sum(m["role"] == "assistant" for m in messages)
     if len(runs) != n_turns:
-        raise _bad(record_id, "template mask mismatch", f"the template's {{% generation %}} blocks give {len(runs)} "
-                   f"labelled span(s) for {n_turns} assistant turn(s)")
+        raise record_error(record_id, "template mask mismatch",
+                           f"the template's {{% generation %}} blocks give {len(runs)} "
+                           f"labelled span(s) for {n_turns} assistant turn(s)")
     special = _special_ids(tokenizer)
     spans = []
     for start, end in runs:
@@ -154,16 +156,18 @@ def _spans_by_prefix(tokenizer, messages, record_id):
         before = _render(tokenizer, messages[:i], record_id, tokenize=False, add_generation_prompt=True)
         upto = _render(tokenizer, messages[:i + 1], record_id, tokenize=False)
         if not upto.startswith(before):
-            raise _bad(record_id, "template mask mismatch", f"message {i + 1}: rendering the conversation up to this "
-                       "assistant turn does not extend the rendering with the generation prompt")
+            raise record_error(record_id, "template mask mismatch",
+                               f"message {i + 1}: rendering the conversation up to this "
+                               "assistant turn does not extend the rendering with the generation prompt")
         piece = upto[len(before):].rstrip()  # assistant text + end-of-turn marker, not the newline after it
         if full.startswith(upto) and len(before) >= cursor:
             a = len(before)
         else:  # the template renders earlier turns differently once more follow: find this turn's text in context
             a = full.find(piece, cursor) if piece else -1
             if a < 0:
-                raise _bad(record_id, "template mask mismatch", f"message {i + 1}: the assistant turn as rendered "
-                           "alone is not found in the rendering of the whole conversation")
+                raise record_error(record_id, "template mask mismatch",
+                                   f"message {i + 1}: the assistant turn as rendered "
+                                   "alone is not found in the rendering of the whole conversation")
         b = a + len(piece)
         cursor = b
         toks = [t for t, (s, e) in enumerate(offsets) if s < b and e > a and e > s]
@@ -186,9 +190,9 @@ def _encode(tokenizer, messages, max_length: int, record_id: str, overflow: str)
     for k, ((a, b), text) in enumerate(zip(spans, texts)):
         decoded = tokenizer.decode(ids[a:b], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         if _norm(text) not in _norm(decoded):
-            raise _bad(record_id, "assistant text not labelled", f"rendered template does not contain the "
-                       f"assistant text where the labels say: assistant turn {k + 1}: expected {text[:80]!r}, "
-                       f"labelled tokens decode to {decoded[:80]!r}")
+            raise record_error(record_id, "assistant text not labelled", f"rendered template does not contain the "
+                               f"assistant text where the labels say: assistant turn {k + 1}: expected {text[:80]!r}, "
+                               f"labelled tokens decode to {decoded[:80]!r}")
     labels = [-100] * len(ids)
     for a, b in spans:
         labels[a:b] = ids[a:b]
@@ -201,9 +205,10 @@ def _encode(tokenizer, messages, max_length: int, record_id: str, overflow: str)
         ids, labels = ids[:max_length], labels[:max_length]
     if all(x == -100 for x in labels):
         if n_full > max_length:
-            raise _bad(record_id, "no supervised tokens after truncation", f"the conversation is {n_full} tokens "
-                       f"and its first assistant turn starts at token {spans[0][0]}, beyond max_length={max_length}")
-        raise _bad(record_id, "no supervised tokens", "the template leaves every label at -100")
+            raise record_error(record_id, "no supervised tokens after truncation",
+                               f"the conversation is {n_full} tokens and its first assistant turn starts at "
+                               f"token {spans[0][0]}, beyond max_length={max_length}")
+        raise record_error(record_id, "no supervised tokens", "the template leaves every label at -100")
     return {"input_ids": ids, "labels": labels}, n_full
 
 
@@ -276,9 +281,9 @@ def encode_records(tokenizer, records, max_length: int, overflow: str = "truncat
     def encode_one(rec, n):
         rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") not in (None, "") else f"#{n}"
         if not isinstance(rec, dict):
-            raise _bad(rid, "not an object", f"got {type(rec).__name__}")
+            raise record_error(rid, "not an object", f"got {type(rec).__name__}")
         if rec.get("images"):
-            raise _bad(rid, "has images", "chat SFT here is text-only; image records go to the multimodal path")
+            raise record_error(rid, "has images", "chat SFT here is text-only; image records go to the multimodal path")
         example, n_full = _encode(tokenizer, rec.get("messages"), max_length, rid, overflow)
         return {"id": rid, **example}, n_full > max_length
 

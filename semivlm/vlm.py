@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semivlm.chat import (SkipRecord, _bad, collate_chat, encode_chat, encode_counted, end_of_turn_ids,
-                          length_grouped_permutation, named_error, normalise_messages)
+from semivlm.chat import (SkipRecord, collate_chat, encode_chat, encode_counted, end_of_turn_ids,
+                          length_grouped_permutation, named_error, normalise_messages, record_error)
 from semivlm.data import RecordError
 
 IMAGE_TOKEN = "<image>"
@@ -75,7 +75,7 @@ def _vision_tower(vision, image_size, dtype, attn):
     return tower, kind, mean, std
 
 
-def _image_processor(kind: str, size: int, mean, std):
+def image_processor(kind: str, size: int, mean, std):
     """CLIP: resize the short side + centre crop; SigLIP: resize to size×size. Our images arrive square already.
     The torchvision backend when installed, else the PIL one (same class name in the saved config)."""
     import importlib.util
@@ -137,7 +137,7 @@ def build_vlm(vision, llm: str, dtype=torch.float32, image_size: int | None = No
     model.generation_config.pad_token_id = tok.pad_token_id
     template = tok.chat_template if tok.chat_template.startswith(TYPED_TO_STRING) else \
         TYPED_TO_STRING + tok.chat_template  # (an LLM dir written from a VLM already has the conversion)
-    processor = LlavaProcessor(image_processor=_image_processor(kind, vc.image_size, mean, std), tokenizer=tok,
+    processor = LlavaProcessor(image_processor=image_processor(kind, vc.image_size, mean, std), tokenizer=tok,
                                patch_size=vc.patch_size, vision_feature_select_strategy=strategy,
                                num_additional_image_tokens=n_extra, chat_template=template)
     return model, processor
@@ -183,19 +183,20 @@ def load_image(path, record_id: str = "", max_aspect_ratio: float = 5.0, fill=(1
 
     path = Path(path)
     if not path.is_file():
-        raise _bad(record_id, "image not found", str(path))
+        raise record_error(record_id, "image not found", str(path))
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not in the middle of a training step
             im = im.copy()
     except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError/ValueError (broken chunks)
-        raise _bad(record_id, "image does not decode", f"{path}: {type(e).__name__}: {e}") from None
+        raise record_error(record_id, "image does not decode", f"{path}: {type(e).__name__}: {e}") from None
     w, h = im.size
     if min(w, h) < MIN_SIDE:
-        raise _bad(record_id, "image too small", f"{path}: {w}x{h} < {MIN_SIDE} px a side")
+        raise record_error(record_id, "image too small", f"{path}: {w}x{h} < {MIN_SIDE} px a side")
     if max(w, h) / min(w, h) > max_aspect_ratio:
-        raise _bad(record_id, "extreme aspect ratio", f"{path}: {w}x{h} is more than {max_aspect_ratio}:1; padded to a "
-                   "square its content would shrink to a sliver (crop or tile it, or raise max_aspect_ratio)")
+        raise record_error(record_id, "extreme aspect ratio",
+                           f"{path}: {w}x{h} is more than {max_aspect_ratio}:1; padded to a "
+                           "square its content would shrink to a sliver (crop or tile it, or raise max_aspect_ratio)")
     if im.mode in ("I", "F") or im.mode.startswith("I;"):  # 16/32-bit integer or float grayscale
         im = Image.fromarray(_to_uint8(np.asarray(im)))
     if im.mode == "P":  # palette: may carry transparency, resolved below
@@ -223,7 +224,7 @@ def image_tokens_per_image(processor, pixel_values: torch.Tensor) -> int:
     return n - (processor.vision_feature_select_strategy == "default")
 
 
-def _pixel_values(processor, paths: list[str], image_root, record_id: str, max_aspect_ratio: float, cache):
+def load_pixel_values(processor, paths: list[str], image_root, record_id: str, max_aspect_ratio: float, cache):
     """[n_img, 3, H, W] for the record's images; `cache` (path -> tensor) shares the tensor of an image that several
     records (caption, VQA, class) use."""
     cache, out = {} if cache is None else cache, []
@@ -253,7 +254,8 @@ def _string_messages(messages, record_id: str):
         if isinstance(content, str):
             k = content.count(IMAGE_TOKEN)
             if k and m.get("role") == "assistant":
-                raise _bad(record_id, "image in assistant turn", f"message {i + 1} has {k} image placeholder(s)")
+                raise record_error(record_id, "image in assistant turn",
+                                   f"message {i + 1} has {k} image placeholder(s)")
             n += k
             m = {**m, "content": content}
         out.append(m)
@@ -270,11 +272,11 @@ def _fit(record_id: str, ids: list, labels: list, image_id: int, n_image_tokens:
     detail = f"{len(ids)} tokens incl. {n_image_tokens} image tokens > max_length {max_length}"
     image_end = max((t + 1 for t, x in enumerate(ids) if x == image_id), default=0)
     if image_end > max_length:
-        raise _bad(record_id, "image tokens beyond max_length", f"{detail}: truncation would cut image tokens "
-                   "(raise max_length or use overflow='skip')")
+        raise record_error(record_id, "image tokens beyond max_length", f"{detail}: truncation would cut image tokens "
+                           "(raise max_length or use overflow='skip')")
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == -100 for x in labels):
-        raise _bad(record_id, "no supervised tokens after truncation", detail)
+        raise record_error(record_id, "no supervised tokens after truncation", detail)
     return ids, labels
 
 
@@ -285,20 +287,21 @@ def _encode(processor, messages, images, record_id, image_root, max_length, over
         raise ValueError(f"overflow must be 'truncate' or 'skip', not {overflow!r}")
     images = [] if images is None else images
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise _bad(record_id, "bad images", "'images' must be a list of image paths")
+        raise record_error(record_id, "bad images", "'images' must be a list of image paths")
     msgs, n_placeholders = _string_messages(messages, record_id)
     normalise_messages(msgs, record_id)  # a conversation's own faults first (no messages, roles ...), then images
     if n_placeholders != len(images):
-        raise _bad(record_id, "image count mismatch", f"{n_placeholders} {IMAGE_TOKEN} placeholder(s) in the messages "
-                   f"for {len(images)} image(s)")
+        raise record_error(record_id, "image count mismatch",
+                           f"{n_placeholders} {IMAGE_TOKEN} placeholder(s) in the messages "
+                           f"for {len(images)} image(s)")
     enc = encode_chat(processor.tokenizer, msgs, 1 << 30, record_id)  # whole conversation: cut after expansion
     ids, labels, image_id = enc["input_ids"], enc["labels"], processor.image_token_id
     if ids.count(image_id) != len(images):  # a template that drops or repeats user content
-        raise _bad(record_id, "image count mismatch", f"the chat template renders {ids.count(image_id)} image "
-                   f"token(s) for {len(images)} image(s)")
+        raise record_error(record_id, "image count mismatch", f"the chat template renders {ids.count(image_id)} image "
+                           f"token(s) for {len(images)} image(s)")
     pixel_values, per_image = None, 0
     if images:
-        pixel_values = _pixel_values(processor, images, image_root, record_id, max_aspect_ratio, cache)
+        pixel_values = load_pixel_values(processor, images, image_root, record_id, max_aspect_ratio, cache)
         per_image = image_tokens_per_image(processor, pixel_values)
         expanded_ids, expanded_labels = [], []
         for t, y in zip(ids, labels):
@@ -315,7 +318,7 @@ def _record(processor, rec, n, image_root, max_length, overflow, max_aspect_rati
     """(id, example, untruncated length) of the n-th record of a file."""
     rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") not in (None, "") else f"#{n}"
     if not isinstance(rec, dict):
-        raise _bad(rid, "not an object", f"got {type(rec).__name__}")
+        raise record_error(rid, "not an object", f"got {type(rec).__name__}")
     return rid, *_encode(processor, rec.get("messages"), rec.get("images"), rid, image_root, max_length, overflow,
                          max_aspect_ratio, cache)
 
@@ -401,7 +404,8 @@ def generate_answer(model, processor, record: dict, image_root, max_new_tokens: 
     images = [load_image(Path(image_root or ".") / p, rid, max_aspect_ratio, image_fill(processor))
               for p in record.get("images") or []]
     if _string_messages(messages, rid)[1] != len(images):
-        raise _bad(rid, "image count mismatch", f"{len(images)} image(s) and a different number of placeholders")
+        raise record_error(rid, "image count mismatch",
+                           f"{len(images)} image(s) and a different number of placeholders")
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     enc = processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False).to(model.device)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,

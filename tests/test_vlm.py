@@ -131,7 +131,7 @@ def test_vlm_holds_the_llm_and_the_pretrained_towers_weights_exactly(built, llm_
                                           text_config={"hidden_size": 32, "intermediate_size": 64,
                                                        "num_hidden_layers": 1, "num_attention_heads": 2}))
     clip.save_pretrained(tmp_path / "clip")
-    vlm._image_processor("clip", 64, [0.1, 0.2, 0.3], [0.5, 0.5, 0.5]).save_pretrained(tmp_path / "clip")
+    vlm.image_processor("clip", 64, [0.1, 0.2, 0.3], [0.5, 0.5, 0.5]).save_pretrained(tmp_path / "clip")
     from_clip, proc = vlm.build_vlm(str(tmp_path / "clip"), str(llm_dir))
     theirs, ours = clip.vision_model.state_dict(), from_clip.model.vision_tower.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
