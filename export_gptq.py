@@ -241,22 +241,6 @@ def finish_config(directory: Path, module_names: list[str]) -> list[str]:
     return qc["ignore"]
 
 
-def reload_export(path: Path, is_vlm: bool):
-    """(model, processor) of the written export with plain transformers; an error when any checkpoint tensor was left
-    unused or any model weight unfilled (a name mismatch would otherwise leave random weights behind)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-
-    from semivlm.model import load_tokenizer
-
-    cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    model, info = cls.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
-    bad = {k: sorted(info.get(k) or [])[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
-           if info.get(k)}
-    if bad:
-        raise RuntimeError(f"checkpoint names do not match the model: {bad}")
-    return model.eval(), AutoProcessor.from_pretrained(str(path)) if is_vlm else load_tokenizer(str(path))
-
-
 # ---------------------------------------------------------------- held-out metric
 
 def held_out_metric(model, processor, is_vlm: bool, rows) -> dict:
@@ -309,7 +293,7 @@ def main(cfg: ExportConfig) -> dict:
         shutil.copy(Path(cfg.model) / "generation_config.json", tmp / "generation_config.json")
     del model
     try:
-        reloaded, processor = reload_export(tmp, is_vlm)
+        reloaded, processor, _ = ev.load_model(str(tmp), strict=True)  # every tensor must find its weight
     except Exception as e:  # never publish an export that transformers cannot load
         raise SystemExit(f"the quantised model in {tmp} does not reload with transformers "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); {out} was left as it was") from None

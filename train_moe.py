@@ -126,8 +126,9 @@ def encode(cfg: MoEConfig, processor, rows: list[tuple[dict, Path]], where: str,
 
 def repeat_tasks(cfg: MoEConfig, examples: list[dict], rows: list[tuple[dict, Path]], log) -> list[dict]:
     """The data mix's weights: each example of a task in task_repeats taken that many times (encoded once)."""
-    if unknown := set(cfg.task_repeats) - {"caption", "vqa", "classify", "instruction"}:
-        raise SystemExit(f"task_repeats: unknown task(s) {sorted(unknown)}; tasks are caption, vqa, classify, instruction")
+    tasks = STAGES["llm"]["tasks"]  # every task there is
+    if unknown := set(cfg.task_repeats) - set(tasks):
+        raise SystemExit(f"task_repeats: unknown task(s) {sorted(unknown)}; tasks are {', '.join(tasks)}")
     if not cfg.task_repeats:
         return examples
     task_of = {r.get("id"): record_task(r) for r, _ in rows}

@@ -103,10 +103,8 @@ FINAL=$LLM
 if has vision; then  # the debug recipe's stand-in for a web-pretrained CLIP: trained on the micrographs' labels
     add vision "$RUN/vision" "${TRAIN[@]}" train_vision.py --config "$CFG/vision.yaml" --output_dir "$RUN/vision"
     [[ -n $LLM ]] && arg vision --tokenizer "$LLM"
-    if [[ -n ${OUT[annotations]:-} ]]; then
-        if grep -q '^objective: *classify' "$CFG/vision.yaml"; then arg vision --train_data "[$A/classify.jsonl]"
-        else arg vision --train_data "[$A/captions.jsonl]"; fi
-    fi
+    # train_vision.py keeps the records its objective reads: captions (contrastive) or class labels (classify)
+    [[ -n ${OUT[annotations]:-} ]] && arg vision --train_data "[$A/captions.jsonl,$A/classify.jsonl]"
     TRAINED+=(vision)
 fi
 VLM_DATA="[$A/captions.jsonl,$A/vqa.jsonl,$A/classify.jsonl${OUT[instructions]:+,$RUN/instructions/instructions.jsonl}]"

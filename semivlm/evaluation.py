@@ -17,9 +17,10 @@ from semivlm.chat import encode_chat, end_of_turn_ids
 from semivlm.data import RecordError
 
 
-def load_model(path: str, dtype=torch.float32):
+def load_model(path: str, dtype=torch.float32, strict: bool = False):
     """(model, processor or tokenizer, is_vlm) of a saved directory, in eval mode. Clear errors for a directory that
-    is not a model, a VLM saved without its processor, or an LLM without a tokenizer."""
+    is not a model, a VLM saved without its processor, or an LLM without a tokenizer; strict: also for checkpoint
+    tensors and model weights that do not match by name (vlm.refuse_unmatched)."""
     from transformers import AutoModelForCausalLM
 
     from semivlm.model import load_tokenizer
@@ -31,14 +32,16 @@ def load_model(path: str, dtype=torch.float32):
         if not any((d / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
             raise SystemExit(f"model '{path}' is a VLM without a processor (no processor_config.json or "
                              "preprocessor_config.json): save the processor beside the weights (processor.save_pretrained)")
-        model, processor = vlm.load_vlm(str(d), dtype)
+        model, processor = vlm.load_vlm(str(d), dtype, strict=strict)
         return model.eval(), processor, True
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise SystemExit(f"model '{path}' has no tokenizer (tokenizer.json / tokenizer_config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise SystemExit(f"cannot load model '{path}': {str(e).splitlines()[0]}") from None
+    if strict:
+        vlm.refuse_unmatched(path, info)
     return model.eval(), load_tokenizer(str(d)), False
 
 

@@ -143,12 +143,25 @@ def build_vlm(vision, llm: str, dtype=torch.float32, image_size: int | None = No
     return model, processor
 
 
-def load_vlm(path: str, dtype=torch.float32, attn_implementation: str = "sdpa"):
-    """(model, processor) of a saved VLM directory: plain AutoModelForImageTextToText + AutoProcessor."""
+def load_vlm(path: str, dtype=torch.float32, attn_implementation: str = "sdpa", strict: bool = False):
+    """(model, processor) of a saved VLM directory: plain AutoModelForImageTextToText + AutoProcessor. strict: an
+    error when a checkpoint tensor finds no weight or a weight no tensor (see refuse_unmatched)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model, info = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                              output_loading_info=True)
+    if strict:
+        refuse_unmatched(path, info)
     return model, AutoProcessor.from_pretrained(path)
+
+
+def refuse_unmatched(path, info: dict) -> None:
+    """Raise when from_pretrained's loading info lists missing, unexpected or mismatched keys: a naming mismatch
+    would otherwise leave randomly initialised weights behind without a word."""
+    bad = {k: sorted(info.get(k) or [])[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+           if info.get(k)}
+    if bad:
+        raise RuntimeError(f"{path}: checkpoint names do not match the model: {bad}")
 
 
 def is_vlm_dir(path) -> bool:

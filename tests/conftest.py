@@ -34,6 +34,18 @@ def fresh_accelerate_state():
     reset_accelerate()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny-model tests: they gain nothing from threads, and on a shared 2-core machine they lose ~10x
+    to contention (use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_blocks(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer and 64-token blocks of process-engineering sentences: train/ and val/."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import fake_slurm as fake_slurm_bin
 import pytest
 import yaml
 
@@ -175,72 +175,11 @@ def test_sbatch_header():
         assert flag in text, flag
 
 
-# The fakes log one JSON object per call. srun runs its command once per node with SLURM_NODEID set, like real srun
-# with --ntasks-per-node=1 (sequentially here), and returns the first non-zero exit code.
-FAKE_SRUN = """#!{python}
-import json, os, subprocess, sys
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({{"cmd": "srun", "argv": sys.argv[1:]}}) + "\\n")
-args = sys.argv[1:]
-while args and args[0].startswith("-"):
-    args.pop(0)
-rc = 0
-for node in range(int(os.environ["SLURM_NNODES"])):
-    r = subprocess.call(args, env=dict(os.environ, SLURM_NODEID=str(node), SLURM_PROCID=str(node)))
-    rc = rc or r
-sys.exit(rc)
-"""
-FAKE_SCONTROL = """#!{python}
-import json, os, sys
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({{"cmd": "scontrol", "argv": sys.argv[1:]}}) + "\\n")
-if sys.argv[1:3] == ["show", "hostnames"]:
-    print("gpu-a01\\ngpu-a02")
-"""
-# FAKE_MODE: finish (writes final/config.json), stop (the STOP file exists, no final), fail (exit 3),
-# wait_stop (writes a marker, then waits for the batch shell to create STOP, like a run that gets USR1)
-FAKE_ACCELERATE = """#!{python}
-import json, os, sys, time
-from pathlib import Path
-argv = sys.argv[1:]
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({{"cmd": "accelerate", "argv": argv, "SLURM_NODEID": os.environ.get("SLURM_NODEID")}}) + "\\n")
-# where the real script would write: --output_dir X, --output_dir=X, else the config's value (FAKE_OUT)
-out = Path(os.environ.get("FAKE_OUT", ""))
-for i, a in enumerate(argv):
-    if a == "--output_dir":
-        out = Path(argv[i + 1])
-    elif a.startswith("--output_dir="):
-        out = Path(a.split("=", 1)[1])
-mode = os.environ["FAKE_MODE"]
-if mode == "fail":
-    sys.exit(3)
-out.mkdir(parents=True, exist_ok=True)
-if mode == "finish":
-    (out / "final").mkdir(exist_ok=True)
-    (out / "final" / "config.json").write_text("{{}}")
-elif mode == "stop":
-    (out / "checkpoints").mkdir(exist_ok=True)
-    (out / "STOP").touch()
-elif mode == "wait_stop":
-    (out / "started").touch()
-    deadline = time.time() + 20
-    while not (out / "STOP").exists():
-        if time.time() > deadline:
-            sys.exit(9)
-        time.sleep(0.05)
-    (out / "checkpoints").mkdir(exist_ok=True)
-"""
-
-
 @pytest.fixture
 def fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
-        path = bin_dir / name
-        path.write_text(text.format(python=sys.executable))
-        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    fake_slurm_bin.install(bin_dir)
     log = tmp_path / "calls.jsonl"
     script = tmp_path / "train_fake.py"  # the sbatch script checks that SCRIPT exists; the fake never runs it
     script.write_text("raise SystemExit('not run')\n")
@@ -249,7 +188,7 @@ def fake_slurm(tmp_path):
     def env(mode: str) -> dict:
         e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         e.update(PATH=f"{bin_dir}{os.pathsep}{e['PATH']}", FAKE_LOG=str(log), FAKE_MODE=mode,
-                 SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
+                 FAKE_HOSTNAMES="gpu-a01 gpu-a02", SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
                  SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="16")
         return e
 
@@ -261,10 +200,7 @@ def fake_slurm(tmp_path):
         return subprocess.run(cmd(*extra), cwd=ROOT, env=env(mode), capture_output=True, text=True, timeout=60)
 
     def calls(kind: str | None = None) -> list[dict]:
-        if not log.exists():
-            return []
-        rows = [json.loads(line) for line in log.read_text().splitlines()]
-        return [r for r in rows if kind is None or r["cmd"] == kind]
+        return fake_slurm_bin.read_calls(log, kind)
 
     return type("FakeSlurm", (), dict(run=staticmethod(run), calls=staticmethod(calls), cmd=staticmethod(cmd),
                                       env=staticmethod(env), out=out, script=script))

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import fake_slurm
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +46,6 @@ def test_stage_sbatch_header():
 
 # ---------------------------------------------------------------------------------------------- fakes
 
-def write_exe(path: Path, text: str) -> None:
-    path.write_text(text.format(python=sys.executable))
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-
-
 # sbatch: logs its argv, prints the next job id (FAKE_SBATCH_FAIL_AT: the call number that fails)
 FAKE_SBATCH = """#!{python}
 import json, os, sys
@@ -61,56 +57,6 @@ if os.environ.get("FAKE_SBATCH_FAIL_AT") == str(n + 1):
     print("sbatch: error: Batch job submission failed: Invalid account", file=sys.stderr)
     sys.exit(1)
 print(f"{{1001 + n}}{{os.environ.get('FAKE_SBATCH_SUFFIX', '')}}")
-"""
-# srun: runs its command once per node with SLURM_NODEID set, like real srun with --ntasks-per-node=1 (sequentially)
-FAKE_SRUN = """#!{python}
-import json, os, subprocess, sys
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({{"cmd": "srun", "argv": sys.argv[1:],
-                         "SRUN_CPUS_PER_TASK": os.environ.get("SRUN_CPUS_PER_TASK")}}) + "\\n")
-args = sys.argv[1:]
-while args and args[0].startswith("-"):
-    args.pop(0)
-rc = 0
-for node in range(int(os.environ["SLURM_NNODES"])):
-    r = subprocess.call(args, env=dict(os.environ, SLURM_NODEID=str(node), SLURM_PROCID=str(node)))
-    rc = rc or r
-sys.exit(rc)
-"""
-FAKE_SCONTROL = """#!{python}
-import json, os, sys
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({{"cmd": "scontrol", "argv": sys.argv[1:]}}) + "\\n")
-if sys.argv[1:3] == ["show", "hostnames"]:
-    print("node01\\nnode02")
-"""
-# accelerate, FAKE_MODE: finish (writes <output_dir>/final/config.json), stop (STOP file + checkpoint, no final),
-# fail (exit 3, like a crashed run), wait_stop (marker, then waits for the batch shell to create STOP)
-FAKE_ACCELERATE = """#!{python}
-import json, os, sys, time
-from pathlib import Path
-argv = sys.argv[1:]
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({{"cmd": "accelerate", "argv": argv, "SLURM_NODEID": os.environ.get("SLURM_NODEID")}}) + "\\n")
-out = Path(argv[argv.index("--output_dir") + 1])
-mode = os.environ["FAKE_MODE"]
-if mode == "fail":
-    sys.exit(3)
-out.mkdir(parents=True, exist_ok=True)
-if mode == "finish":
-    (out / "final").mkdir(exist_ok=True)
-    (out / "final" / "config.json").write_text("{{}}")
-elif mode == "stop":
-    (out / "checkpoints").mkdir(exist_ok=True)
-    (out / "STOP").touch()
-elif mode == "wait_stop":
-    (out / "started").touch()
-    deadline = time.time() + 20
-    while not (out / "STOP").exists():
-        if time.time() > deadline:
-            sys.exit(9)
-        time.sleep(0.05)
-    (out / "checkpoints").mkdir(exist_ok=True)
 """
 # PYTHON for the non-training stages: logs, creates its --out / --output_dir; FAKE_MODE=wait_release waits for
 # FAKE_RELEASE to exist first
@@ -137,9 +83,7 @@ for flag in ("--out", "--output_dir"):
 def fake(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL),
-                       ("accelerate", FAKE_ACCELERATE), ("python", FAKE_PYTHON)):
-        write_exe(bin_dir / name, text)
+    fake_slurm.install(bin_dir, {"sbatch": FAKE_SBATCH, "python": FAKE_PYTHON})
     log = tmp_path / "calls.jsonl"
     run_dir = tmp_path / "run"
 
@@ -153,10 +97,7 @@ def fake(tmp_path):
         return e
 
     def calls(kind: str | None = None) -> list[dict]:
-        if not log.exists():
-            return []
-        rows = [json.loads(line) for line in log.read_text().splitlines()]
-        return [r for r in rows if kind is None or r["cmd"] == kind]
+        return fake_slurm.read_calls(log, kind)
 
     def stage(name: str, mode: str = "finish", **extra: str) -> subprocess.CompletedProcess:
         # run from elsewhere: the job must cd to SLURM_SUBMIT_DIR like under SLURM
