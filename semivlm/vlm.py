@@ -10,6 +10,7 @@ linear · GELU · linear, any decoder LLM); robust image loading; records encode
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -146,8 +147,13 @@ def build_vlm(vision, llm: str, dtype=torch.float32, image_size: int | None = No
 def load_vlm(path: str, dtype=torch.float32, attn_implementation: str = "sdpa", strict: bool = False):
     """(model, processor) of a saved VLM directory: plain AutoModelForImageTextToText + AutoProcessor. strict: an
     error when a checkpoint tensor finds no weight or a weight no tensor (see refuse_unmatched)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    # Import the decoder's modelling code before from_pretrained: classes first defined inside a ZeRO-3 zero.Init
+    # lose transformers' __init__ wrapper when zero.Init unpatches them, and every later MoE build in this process
+    # fails ("'MixtralExperts' object has no attribute 'config'"), e.g. the classification check after a resume
+    family = AutoConfig.from_pretrained(path).text_config.model_type
+    importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     model, info = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                               output_loading_info=True)
     if strict:
