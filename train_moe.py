@@ -36,7 +36,7 @@ from semivlm.checkpoint import find_latest_checkpoint, unpartitioned  # noqa: E4
 from semivlm.config import load_config  # noqa: E402
 from semivlm.data import RecordError, read_jsonl, record_task  # noqa: E402
 from semivlm.loop import TrainConfig, causal_lm_loss, make_accelerator, supervised_tokens, train, zero_stage  # noqa: E402
-from semivlm.model import resolve_attn_implementation  # noqa: E402
+from semivlm.model import apply_liger, resolve_attn_implementation  # noqa: E402
 
 # stage -> what it trains, what `init_from` must be, which record tasks it reads, default learning rates (MoE-LLaVA:
 # 1e-3 for stage I, 2e-5 for stages II and III; the projector keeps the LLM's rate in stage II)
@@ -282,6 +282,7 @@ def run(cfg: MoEConfig) -> dict:
     start = starting_model_dir(cfg, accelerator)
     attn = resolve_attn_implementation(cfg.attn_implementation)
     model, processor = vlm.load_vlm(start, accelerator.param_dtype, attn)
+    accelerator.print(f"attention {attn} | liger {apply_liger(model, cfg.liger, zero_stage(accelerator))}")
     tokenizer = processor.tokenizer
     probe, lora_config = None, None
     if cfg.stage == "moe":

@@ -78,7 +78,9 @@ def load_model(cfg: SFTConfig, accelerator, tokenizer):
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(cfg.init_from, quantization_config=bnb, attn_implementation=attn)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(  # QLoRA is for tight memory: auto = checkpointing on
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing is not False,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = build_causal_lm(cfg.init_from, cfg.model_config, len(tokenizer), accelerator.param_dtype, attn)
     accelerator.print(f"attention {attn} | liger {apply_liger(model, cfg.liger, zero_stage(accelerator))}")

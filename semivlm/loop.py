@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from semivlm import checkpoint as ckpt
-from semivlm.model import flops_per_token, local_numel, numel
+from semivlm.model import compile_blocks, flops_per_token, local_numel, numel, wants_gradient_checkpointing
 
 
 @dataclass
@@ -53,9 +53,11 @@ class TrainConfig:
     seed: int = 0
     # read for precision and clipping when not launched under DeepSpeed; under DeepSpeed the launcher's file rules
     ds_config: str = "ds_configs/zero3.json"
-    gradient_checkpointing: bool = False
+    # auto = on when one micro-batch's activations would fill a third of the GPU (model.wants_gradient_checkpointing)
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     attn_implementation: str = "auto"  # auto = flash_attention_2 when installed on a GPU, else sdpa
     liger: Literal["auto", "on", "off"] = "auto"  # Liger kernels: auto = when installed on a GPU
+    compile: bool = False  # torch.compile each transformer block (model.compile_blocks); not under ZeRO-3
     tensorboard: bool = False
     exit_after_steps: int = 0  # checkpoint and exit 0 after this many steps of this invocation (time-sliced jobs)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = datasheet for known GPUs, else a measured matmul ceiling
@@ -324,10 +326,16 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     print(f"rank {accelerator.process_index}/{accelerator.num_processes} holds {local_params:,} of "
           f"{total_params:,} parameters (ZeRO stage {zero_stage(accelerator)})", flush=True)
 
-    if cfg.gradient_checkpointing:
+    checkpointing = wants_gradient_checkpointing(cfg.gradient_checkpointing, model, cfg.micro_batch_size, seq_len,
+                                                 accelerator.device)
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora_config is not None:
             model.enable_input_require_grads()
+    if cfg.compile:
+        if zero_stage(accelerator) == 3:  # its parameter hooks gather weights inside every block: graph breaks
+            raise SystemExit("compile: true is not supported under ZeRO-3; use ds_configs/zero2.json or compile: false")
+        log(f"compiled {compile_blocks(model)} transformer blocks (torch.compile, regional)")
     groups = param_groups or default_param_groups(model, cfg.weight_decay)
     fused = accelerator.device.type == "cuda" and zero_stage(accelerator) == 0
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -353,7 +361,8 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     log(f"training {trainable_params:,} of {total_params:,} parameters for {cfg.max_steps} steps | "
         f"{world} ranks × {cfg.micro_batch_size} micro × {cfg.grad_accum} accum = "
         f"{world * cfg.micro_batch_size * cfg.grad_accum} sequences/step | precision {accelerator.mixed_precision} | "
-        f"ds_config {accelerator.ds_file} | peak {tflops:.3g} TFLOP/s ({tflops_source})")
+        f"ds_config {accelerator.ds_file} | activation checkpointing {'on' if checkpointing else 'off'} | "
+        f"peak {tflops:.3g} TFLOP/s ({tflops_source})")
     writer = None
     if cfg.tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter

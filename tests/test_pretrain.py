@@ -291,3 +291,66 @@ def test_fast_paths_are_used_when_present_and_refused_clearly_when_demanded_but_
     with pytest.raises(SystemExit, match="liger: 'on' needs liger-kernel installed"):
         apply_liger(None, "on", 0)
     assert apply_liger(None, "off", 3) == "off"
+
+
+def test_compiled_checkpointed_blocks_train_to_the_same_losses_and_export_the_same_names(pretrain_args, tmp_path,
+                                                                                          capsys):
+    from safetensors.torch import load_file
+
+    plain = run_in_process(pretrain_args(tmp_path / "plain"))  # gradient_checkpointing: auto = off on CPU
+    assert "activation checkpointing off" in capsys.readouterr().out
+    fast = run_in_process(pretrain_args(tmp_path / "fast", compile="true", gradient_checkpointing="true"))
+    log = capsys.readouterr().out
+    assert "activation checkpointing on" in log and "compiled 2 transformer blocks" in log
+    a, b = losses(plain["history"]), losses(fast["history"])
+    assert a.keys() == b.keys() and all(b[s] == pytest.approx(a[s], abs=1e-4) for s in a), (a, b)
+    assert a[8] < a[1] - 0.1  # and they did learn
+    weights = [load_file(f"{d}/model.safetensors") for d in (plain["final_dir"], fast["final_dir"])]
+    assert weights[0].keys() == weights[1].keys()  # no _orig_mod. in the export
+
+
+def test_gradient_checkpointing_auto_turns_on_when_activations_would_fill_a_third_of_the_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from semivlm.model import wants_gradient_checkpointing
+
+    def model(layers, hidden):
+        return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden))
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * 2**30))
+    qwen_05b, llama_8b = model(24, 896), model(32, 4096)
+    assert wants_gradient_checkpointing("auto", qwen_05b, 8, 2048, gpu) is False  # 12 GB of activations
+    assert wants_gradient_checkpointing("auto", llama_8b, 4, 2048, gpu) is True  # 36 GB
+    assert wants_gradient_checkpointing("auto", llama_8b, 4, 2048, torch.device("cpu")) is False
+    assert wants_gradient_checkpointing(True, qwen_05b, 1, 16, gpu) is True
+    assert wants_gradient_checkpointing(False, llama_8b, 64, 8192, gpu) is False
+    vlm = SimpleNamespace(config=SimpleNamespace(text_config=llama_8b.config))  # Llava: the decoder's shape counts
+    assert wants_gradient_checkpointing("auto", vlm, 4, 2048, gpu) is True
+
+
+def test_liger_keeps_moe_experts_and_their_experts_implementation(monkeypatch):
+    """Liger's SwiGLU would swap an MoE's experts module for its own, undoing grouped_mm: it is asked not to."""
+    import importlib.util
+    import sys
+    import types
+
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from semivlm.model import apply_liger
+
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = lambda model, **kw: calls.append((type(model).__name__, kw))
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "liger_kernel" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    assert apply_liger(LlamaForCausalLM(LlamaConfig(**shape)), "auto", 2) == "on"
+    assert "experts keep" in apply_liger(MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=2)), "on", 3)
+    assert calls == [("LlamaForCausalLM", {"fused_linear_cross_entropy": True, "cross_entropy": False}),
+                     ("MixtralForCausalLM", {"fused_linear_cross_entropy": False, "cross_entropy": True,
+                                             "swiglu": False})]
