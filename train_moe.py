@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -322,6 +323,10 @@ def run(cfg: MoEConfig) -> dict:
         if cfg.group_by_modality:
             permutation = partial(vlm.modality_length_grouped_permutation, [e["length"] for e in train_set],
                                   [e["has_image"] for e in train_set], cfg.micro_batch_size, cfg.seed)
+        order = permutation(0) if permutation else np.random.default_rng((cfg.seed, 0)).permutation(len(train_set))
+        share = vlm.token_share([e["length"] for e in train_set], order, cfg.micro_batch_size)
+        accelerator.print(f"micro-batches of {cfg.micro_batch_size}: {100 * share:.1f}% tokens, not padding "
+                          f"(group_by_modality {cfg.group_by_modality}): padding-free packing could win back the rest")
     some_image = next((e["pixel_values"][:1] for e in train_set + (eval_set or []) if e["has_image"]), None)
     if zero_stage(accelerator) == 3 and accelerator.num_processes > 1 and some_image is not None:
         # ZeRO-3 gathers the vision tower's weights in a collective every rank must join, so every micro-batch on

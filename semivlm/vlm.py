@@ -475,6 +475,14 @@ def add_blind_image(batch: dict, pixel_values: torch.Tensor, image_token_id: int
     return batch
 
 
+def token_share(lengths: list[int], order, micro_batch_size: int) -> float:
+    """Share of the right-padded micro-batches (consecutive micro_batch_size positions of `order`) that is real
+    tokens rather than padding: what padding-free packing could at most win back."""
+    lengths = np.asarray(lengths, dtype=np.int64)[np.asarray(order, dtype=np.int64)]
+    batches = [lengths[i:i + micro_batch_size] for i in range(0, len(lengths), micro_batch_size)]
+    return float(lengths.sum() / max(1, sum(len(b) * b.max() for b in batches)))
+
+
 def modality_length_grouped_permutation(lengths: list[int], has_image: list[bool], micro_batch_size: int, seed: int,
                                         epoch: int, mega_batch: int = 50) -> np.ndarray:
     """LLaVA's group_by_modality_length: a permutation of range(len(lengths)) whose micro-batches (consecutive

@@ -363,6 +363,15 @@ def test_modality_grouped_order_is_a_deterministic_permutation_never_mixing_with
     spread = np.mean([np.ptp([lengths[row["i"]] for row in b]) for b in batches])
     assert spread < 0.5 * np.mean([np.ptp(lengths[rng.permutation(n)[:micro]]) for _ in range(200)])
 
+    grouped, shuffled = (vlm.token_share(lengths, order, micro) for order in (perm, rng.permutation(n)))
+    assert shuffled < grouped <= 1.0
+
+
+def test_token_share_counts_real_tokens_of_right_padded_micro_batches():
+    assert vlm.token_share([10, 10, 20, 20], [0, 1, 2, 3], 2) == 1.0
+    assert vlm.token_share([10, 10, 20, 20], [0, 2, 1, 3], 2) == pytest.approx(60 / 80)
+    assert vlm.token_share([10, 30, 5], [2, 1, 0], 2) == pytest.approx(45 / (2 * 30 + 10))  # last batch partial
+
 
 def test_image_dpo_pair_loss_is_log2_per_pair_against_its_own_reference(built, pipeline, tmp_path):
     from data_prep.make_instructions import preference_pairs
