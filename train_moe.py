@@ -28,15 +28,15 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from semivlm import dpo, moe, vlm  # noqa: E402
-from semivlm.checkpoint import find_latest_checkpoint, unpartitioned  # noqa: E402
+from semivlm.checkpoint import unpartitioned  # noqa: E402
 from semivlm.config import load_config  # noqa: E402
 from semivlm.data import RecordError, read_jsonl, record_task  # noqa: E402
-from semivlm.loop import TrainConfig, causal_lm_loss, make_accelerator, supervised_tokens, train, zero_stage  # noqa: E402
+from semivlm.loop import (TrainConfig, causal_lm_loss, make_accelerator, random_order, supervised_tokens,  # noqa: E402
+                          train, zero_stage)
 from semivlm.model import apply_liger, resolve_attn_implementation  # noqa: E402
 
 # stage -> what it trains, what `init_from` must be, which record tasks it reads, default learning rates (MoE-LLaVA:
@@ -263,6 +263,28 @@ def classification_accuracy(model_dir: Path, rows: list[tuple[dict, Path]], limi
     return {"classify_accuracy": hits / n if n else float("nan"), "classify_n": n, "examples": examples[:10]}
 
 
+def prepare_stage_model(cfg: MoEConfig, model, accelerator):
+    """The loaded model set up for its stage (also what bench/bench_stages.py times): Liger kernels; for `moe` the
+    experts implementation, ZeRO-3 leaf modules and the router probe; the stage's trainable parameters; LoRA on the
+    experts when asked. Returns (model, parameter groups, probe or None, LoRA config or None)."""
+    accelerator.print(f"liger {apply_liger(model, cfg.liger, zero_stage(accelerator))}")
+    probe, lora_config = None, None
+    if cfg.stage == "moe":
+        accelerator.print(f"experts {moe.set_experts_implementation(model, accelerator.device.type, cfg.experts_implementation)}"
+                          f" | ZeRO-3 leaf modules {moe.register_zero3_leaf_modules(model)}")
+        probe = moe.RouterProbe(model)
+    groups = set_trainable(cfg, model)
+    if cfg.stage == "moe":  # everything before the first MoE block is frozen: ZeRO-3's backward needs input grads
+        model.enable_input_require_grads()
+    if cfg.stage == "moe" and cfg.moe_lora_r > 0:
+        from peft import get_peft_model
+
+        lora_config = moe.expert_lora_config(model, cfg.moe_lora_r, cfg.moe_lora_alpha)
+        model = get_peft_model(model, lora_config)
+        groups["rest"] += [p for n, p in model.named_parameters() if "lora_" in n]
+    return model, groups, probe, lora_config
+
+
 # ---------------------------------------------------------------- main
 
 def main(cfg: MoEConfig) -> dict:
@@ -283,22 +305,9 @@ def run(cfg: MoEConfig) -> dict:
     start = starting_model_dir(cfg, accelerator)
     attn = resolve_attn_implementation(cfg.attn_implementation)
     model, processor = vlm.load_vlm(start, accelerator.param_dtype, attn)
-    accelerator.print(f"attention {attn} | liger {apply_liger(model, cfg.liger, zero_stage(accelerator))}")
+    accelerator.print(f"attention {attn}")
     tokenizer = processor.tokenizer
-    probe, lora_config = None, None
-    if cfg.stage == "moe":
-        accelerator.print(f"experts {moe.set_experts_implementation(model, accelerator.device.type, cfg.experts_implementation)}"
-                          f" | ZeRO-3 leaf modules {moe.register_zero3_leaf_modules(model)}")
-        probe = moe.RouterProbe(model)
-    groups = set_trainable(cfg, model)
-    if cfg.stage == "moe":  # everything before the first MoE block is frozen: ZeRO-3's backward needs input grads
-        model.enable_input_require_grads()
-    if cfg.stage == "moe" and cfg.moe_lora_r > 0:
-        from peft import get_peft_model
-
-        lora_config = moe.expert_lora_config(model, cfg.moe_lora_r, cfg.moe_lora_alpha)
-        model = get_peft_model(model, lora_config)
-        groups["rest"] += [p for n, p in model.named_parameters() if "lora_" in n]
+    model, groups, probe, lora_config = prepare_stage_model(cfg, model, accelerator)
 
     # ---- data: the stage's mix, each record checked (image count, decodability, labels, length)
     tasks = tuple(cfg.tasks) or stage["tasks"]
@@ -320,11 +329,12 @@ def run(cfg: MoEConfig) -> dict:
     else:
         collate = partial(vlm.collate_vlm, pad_id=pad_id)
         base_loss = causal_lm_loss
+        lengths = [e["length"] for e in train_set]
         if cfg.group_by_modality:
-            permutation = partial(vlm.modality_length_grouped_permutation, [e["length"] for e in train_set],
+            permutation = partial(vlm.modality_length_grouped_permutation, lengths,
                                   [e["has_image"] for e in train_set], cfg.micro_batch_size, cfg.seed)
-        order = permutation(0) if permutation else np.random.default_rng((cfg.seed, 0)).permutation(len(train_set))
-        share = vlm.token_share([e["length"] for e in train_set], order, cfg.micro_batch_size)
+        order = permutation(0) if permutation else random_order(cfg.seed, len(train_set), 0)
+        share = vlm.token_share(lengths, order, cfg.micro_batch_size)
         accelerator.print(f"micro-batches of {cfg.micro_batch_size}: {100 * share:.1f}% tokens, not padding "
                           f"(group_by_modality {cfg.group_by_modality}): padding-free packing could win back the rest")
     some_image = next((e["pixel_values"][:1] for e in train_set + (eval_set or []) if e["has_image"]), None)

@@ -53,7 +53,8 @@ from semivlm.loop import (DATASHEET_BF16_TFLOPS, TrainConfig, causal_lm_loss, in
                           make_accelerator, measure_peak_tflops, model_inputs, peak_memory_gib, train, zero_stage)
 from semivlm.model import (apply_liger, build_causal_lm, flops_per_token, numel,  # noqa: E402
                            resolve_attn_implementation)
-from train_moe import MoEConfig, moe_loss, param_groups, set_trainable, unused_vision_parameters  # noqa: E402
+from train_moe import (MoEConfig, moe_loss, param_groups, prepare_stage_model, set_trainable,  # noqa: E402
+                       unused_vision_parameters)
 from train_pretrain import collate_blocks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,18 +224,13 @@ def ours(cfg: BenchConfig, stage: str, accelerator, dirs: dict, data, collate, w
     if stage in TEXT_STAGES:  # train_pretrain.py / train_sft.py: full fine-tuning of a model_config decoder
         torch.manual_seed(cfg.seed)
         model = build_causal_lm("", shape_of(cfg)[0], 0, accelerator.param_dtype, attn)
-    else:  # train_moe.run: the starting model, experts implementation, the stage table, router losses
+        apply_liger(model, scfg.liger, zero_stage(accelerator))
+    else:  # train_moe.run: the starting model, set up for its stage by the script's own function
         model, _ = vlm.load_vlm(str(dirs[stage]), accelerator.param_dtype, attn)
-        if stage == "moe":
-            moe.set_experts_implementation(model, accelerator.device.type, scfg.experts_implementation)
-            if zero_stage(accelerator) == 3:
-                moe.register_zero3_leaf_modules(model)
-            probe = moe.RouterProbe(model)
-        groups = param_groups(scfg, set_trainable(scfg, model))
-        if stage == "moe":
-            model.enable_input_require_grads()
+        model, groups, probe, _ = prepare_stage_model(scfg, model, accelerator)
+        groups = param_groups(scfg, groups)
+        if probe is not None:
             loss_fn = moe_loss(scfg, probe, model.config.image_token_id, causal_lm_loss)
-    apply_liger(model, scfg.liger, zero_stage(accelerator))
     fpt = training_flops_per_token(model, shape_of(cfg)[2])
     with mock.patch("semivlm.checkpoint.export_final", return_value=None):  # untimed; minutes at real shapes
         history = train(scfg, accelerator, model, None, data, None, collate, loss_fn=loss_fn, param_groups=groups,

@@ -18,6 +18,7 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -179,6 +180,11 @@ def default_param_groups(model, weight_decay: float) -> list[dict]:
 
 # ---------------------------------------------------------------- data order
 
+def random_order(seed: int, n: int, epoch: int) -> np.ndarray:
+    """The loop's default sample order: a permutation of range(n), fixed per (seed, epoch)."""
+    return np.random.default_rng((seed, epoch)).permutation(n)
+
+
 class StepBatches:
     """The micro-batches this rank runs for optimizer step `step`.
 
@@ -189,8 +195,7 @@ class StepBatches:
     def __init__(self, dataset, collate, cfg: TrainConfig, world: int, rank: int,
                  permutation: Callable[[int], np.ndarray] | None = None):
         self.dataset, self.collate, self.cfg, self.world, self.rank = dataset, collate, cfg, world, rank
-        self.permutation = permutation or (lambda epoch: np.random.default_rng((cfg.seed, epoch)).permutation(
-            len(dataset)))
+        self.permutation = permutation or partial(random_order, cfg.seed, len(dataset))
         self._perm_cache: dict[int, np.ndarray] = {}
 
     def _index(self, pos: int) -> int:
