@@ -45,11 +45,13 @@ from unittest import mock
 
 import torch
 
+# train_moe and train_pretrain are flat top-level scripts, not in an installed package: `python bench/bench_stages.py`
+# puts bench/ on sys.path, so the repository root is added to import them (semivlm comes from the editable install)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from semivlm import chat, moe, vlm  # noqa: E402
 from semivlm.checkpoint import unpartitioned  # noqa: E402
 from semivlm.config import load_config  # noqa: E402
-from semivlm.loop import (DATASHEET_BF16_TFLOPS, TrainConfig, causal_lm_loss, input_tokens,  # noqa: E402
+from semivlm.loop import (TrainConfig, datasheet_tflops, causal_lm_loss, input_tokens,  # noqa: E402
                           make_accelerator, measure_peak_tflops, model_inputs, peak_memory_gib, train, zero_stage)
 from semivlm.model import (apply_liger, build_causal_lm, flops_per_token, numel,  # noqa: E402
                            resolve_attn_implementation)
@@ -415,7 +417,7 @@ def main(cfg: BenchConfig) -> dict:
         accelerator = make_accelerator(TrainConfig(ds_config=ds_config, micro_batch_size=micro_batch(cfg, "pretrain")))
         dirs = build_vlm_dirs(cfg, cache)
         device = torch.cuda.get_device_name(accelerator.device) if cuda else "cpu"
-        sheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device), None) if cuda else None
+        sheet = datasheet_tflops(device) if cuda else None
         ceiling = measure_peak_tflops(accelerator.device, torch.bfloat16 if cuda else torch.float32)
         peaks = {"datasheet": sheet, "measured": ceiling}
         report = {"config": dataclasses.asdict(cfg), "device": device, "precision": accelerator.mixed_precision,

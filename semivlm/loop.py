@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import signal
 import time
@@ -66,8 +67,37 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- setup
 
-DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
-                         "L40S": 362.0, "A10": 125.0, "L4": 121.0, "V100": 125.0}
+# Dense (no sparsity) bf16 tensor-core TFLOP/s per GPU from NVIDIA's datasheets, matched against
+# torch.cuda.get_device_name() in this order, first match wins: the variants that share a prefix come first
+# ("H100 PCIe" before "H100", "L40S" before "L40") and the short names are whole words ("L4" is not "L40",
+# "A10" is not "A100"/"A10G", "H20" is not "H200"). Unlisted cards fall back to a measured matmul ceiling.
+DATASHEET_BF16_TFLOPS: list[tuple[str, float]] = [
+    (r"H100.*NVL", 835.0),  # "NVIDIA H100 NVL"
+    (r"H100.*PCIe", 756.0),  # "NVIDIA H100 PCIe"
+    (r"H100", 989.0),  # SXM: "NVIDIA H100 80GB HBM3"
+    (r"H200.*NVL", 835.0),  # "NVIDIA H200 NVL"
+    (r"H200", 989.0),  # "NVIDIA H200", "NVIDIA GH200 480GB"
+    (r"H800.*PCIe", 756.0),
+    (r"H800", 989.0),
+    (r"\bH20\b", 148.0),  # "NVIDIA H20"
+    (r"A100", 312.0),  # SXM and PCIe: "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"
+    (r"A800", 312.0),
+    (r"L40S", 362.0),
+    (r"\bL40\b", 181.0),
+    (r"\bL4\b", 121.0),
+    (r"\bA10\b", 125.0),  # not the A10G (AWS), which is slower and unlisted
+    (r"\bA30\b", 165.0),
+    (r"\bA40\b", 150.0),
+    (r"V100", 125.0),  # fp16 tensor cores (no bf16 on Volta)
+]
+
+
+def datasheet_tflops(device_name: str) -> float | None:
+    """Dense bf16 TFLOP/s of a GPU from its torch.cuda.get_device_name(), None when the card is not listed."""
+    for pattern, tflops in DATASHEET_BF16_TFLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return tflops
+    return None
 
 
 def read_ds_config(path: str) -> dict:
@@ -148,9 +178,8 @@ def peak_tflops(cfg: TrainConfig, accelerator) -> tuple[float, str]:
         return cfg.peak_tflops, "configured"
     if accelerator.device.type == "cuda":
         name = torch.cuda.get_device_name(accelerator.device)
-        for key, tflops in DATASHEET_BF16_TFLOPS.items():
-            if key in name:
-                return tflops, f"{name} datasheet bf16"
+        if (tflops := datasheet_tflops(name)) is not None:
+            return tflops, f"{name} datasheet bf16 dense"
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
     return measure_peak_tflops(accelerator.device, dtype), f"measured {dtype} matmul on {accelerator.device.type}"
 
