@@ -3,12 +3,18 @@
 Unknown keys are an error that names the key and where it came from (the YAML file or the command line), so a
 typo never silently trains with a default. Values from the command line are parsed as YAML scalars
 (`--lr 3e-4`, `--lora_r 0`, `--model_config '{hidden_size: 64}'`) and checked against the field's type.
+`--help` lists every field with its type, default and the `#` comment that documents it in the source.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import io
 import json
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -89,8 +95,9 @@ def _apply(values: dict, types_: dict, origin: str) -> dict:
     for key, value in values.items():
         if key not in types_:
             close = [k for k in types_ if k.replace("_", "") == str(key).replace("_", "").replace("-", "")]
+            close = close or difflib.get_close_matches(str(key), list(types_), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{origin}: unknown key '{key}'{hint}; known keys: {', '.join(sorted(types_))}")
+            raise ConfigError(f"{origin}: unknown key '{key}'{hint}; --help lists the keys")
         out[key] = _coerce(value, types_[key], key, origin)
     return out
 
@@ -130,9 +137,78 @@ def _parse_value(raw: str, annotation):
         return raw
 
 
+def _class_comments(klass) -> tuple[dict[str, str], list[tuple[str, list[str]]]]:
+    """The `#` comments documenting each field of `klass`'s own body (the lines directly above it, then the one on
+    its line) and its groups: runs of fields split by blank lines, titled by a comment block standing alone."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(textwrap.dedent(inspect.getsource(klass))).readline))
+    except (OSError, TypeError, tokenize.TokenError, IndentationError):  # no source file (e.g. a REPL class)
+        return {}, [("", list(vars(klass).get("__annotations__", {})))]
+    docs, groups, above, current, depth = {}, [("", [])], [], None, 0
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.INDENT:
+            depth += 1
+        elif tok.type == tokenize.DEDENT:
+            depth -= 1
+        # a comment before the first field comes ahead of the body's INDENT token
+        elif tok.type == tokenize.COMMENT and (depth == 1 or depth == 0 and tok.line.lstrip().startswith("#")):
+            text = tok.string.lstrip("#").strip()
+            (docs.setdefault(current, []) if current else above).append(text)
+        elif tok.type == tokenize.NL and not tok.line.strip():  # a blank line ends a group
+            if above or groups[-1][1]:
+                groups.append((" ".join(above), []))
+            above = []
+        elif tok.type == tokenize.NEWLINE:
+            current, above = None, []
+        elif (depth == 1 and current is None and tok.type == tokenize.NAME and tokens[i - 1].type in
+              (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
+              and tokens[i + 1].string == ":"):
+            current = tok.string
+            docs[current], above = above, []
+            groups[-1][1].append(current)
+    return {k: " ".join(v) for k, v in docs.items() if v}, [g for g in groups if g[1]]
+
+
+def _show(annotation) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_show(a) for a in typing.get_args(annotation))
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def print_help(cls) -> None:
+    """Usage, then each field as `--name type = default  comment`, grouped by the class (and blank-line groups)
+    that declares it: the script's own class first, then the ones it inherits from (e.g. loop.TrainConfig)."""
+    doc = vars(cls).get("__doc__") or ""
+    doc = "" if doc.startswith(cls.__name__ + "(") else doc.strip().splitlines()[0] if doc.strip() else ""
+    lines = [f"usage: {Path(sys.argv[0]).name} [--config FILE.yaml] [--field value ...]", *([doc] if doc else []),
+             "Values are YAML (3e-4, [a, b], '{k: v}'); a bare --flag is true. Command line > --config file > default."]
+    fields, types_, shown = {f.name: f for f in dataclasses.fields(cls)}, _field_types(cls), set()
+    classes = [k for k in cls.__mro__ if dataclasses.is_dataclass(k)]
+    comments = [_class_comments(k) for k in classes]
+    for klass, (_, groups) in zip(classes, comments):
+        for title, names in groups:
+            names = [n for n in names if n in fields and n not in shown]
+            if not names:
+                continue
+            module = klass.__module__ if klass.__module__ != cls.__module__ else ""
+            lines += ["", f"{module + '.' if module else ''}{klass.__name__}{': ' + title if title else ''}"]
+            for name in names:
+                shown.add(name)
+                f = fields[name]
+                default = ("= " + json.dumps(f.default, default=str) if f.default is not dataclasses.MISSING else
+                           "= " + json.dumps(f.default_factory(), default=str)
+                           if f.default_factory is not dataclasses.MISSING else "(required)")
+                note = next((docs[name] for docs, _ in comments if name in docs), "")
+                lines.append(f"  --{name} {_show(types_[name])} {default}" + (f"  # {note}" if note else ""))
+    print("\n".join(lines))
+
+
 def load_config(cls, argv: list[str] | None = None):
     """Build a `cls` dataclass from defaults, then `--config FILE.yaml`, then `--key value` pairs in argv."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print_help(cls)
+        raise SystemExit(0)
     types_ = _field_types(cls)
     config_file, cli_values = _parse_cli(argv)
     values: dict = {}
