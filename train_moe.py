@@ -22,7 +22,6 @@ from, reads and at which learning rates. Each stage ends in `output_dir/final`, 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,14 +29,13 @@ from typing import Literal
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from semivlm import dpo, moe, vlm  # noqa: E402
-from semivlm.checkpoint import unpartitioned  # noqa: E402
-from semivlm.config import load_config  # noqa: E402
-from semivlm.data import RecordError, read_jsonl, record_task  # noqa: E402
-from semivlm.loop import (TrainConfig, causal_lm_loss, make_accelerator, random_order, supervised_tokens,  # noqa: E402
+from semivlm import dpo, moe, vlm
+from semivlm.checkpoint import unpartitioned
+from semivlm.config import load_config
+from semivlm.data import RecordError, exit_on_bad_record, read_jsonl, record_task
+from semivlm.loop import (TrainConfig, causal_lm_loss, make_accelerator, random_order, supervised_tokens,
                           train, zero_stage)
-from semivlm.model import apply_liger, resolve_attn_implementation  # noqa: E402
+from semivlm.model import apply_liger, resolve_attn_implementation
 
 # stage -> what it trains, what `init_from` must be, which record tasks it reads, default learning rates (MoE-LLaVA:
 # 1e-3 for stage I, 2e-5 for stages II and III; the projector keeps the LLM's rate in stage II)
@@ -49,6 +47,13 @@ STAGES = {
     "moe": {"trains": ("experts", "routers"), "starts_from": "vlm (upcycled here)",
             "tasks": ("caption", "vqa", "classify", "instruction"), "learning_rate": 2e-5, "projector_lr": 2e-5},
 }
+
+# fields that only some stages read: set on another stage they would be ignored without a word, so that is an error
+STAGE_FIELDS = {"vision_tower": ("projector",), "vision_config": ("projector",), "vision_feature_layer": ("projector",),
+                "vision_feature_select_strategy": ("projector",), "unfreeze_vision_tower": ("llm", "moe"),
+                "lora_r": ("llm",), "lora_alpha": ("llm",), "lora_dropout": ("llm",),
+                **{k: ("moe",) for k in ("train_attention", "moe_lora_r", "moe_lora_alpha", "num_experts", "top_k",
+                                         "moe_every", "router_aux_loss_coef", "router_z_loss_coef")}}
 
 
 @dataclass
@@ -69,7 +74,10 @@ class MoEConfig(TrainConfig):
     unfreeze_vision_tower: bool = False  # llm/moe stages: train the vision tower too
     vision_lr: float = 2e-6
     train_attention: bool = False  # moe stage: attention too, besides experts and routers
-    moe_lora_r: int = 0  # moe stage: LoRA on the experts (PEFT target_parameters) instead of full expert weights
+    lora_r: int = 0  # llm stage: LoRA on the LLM's attention and MLP projections (projector trained in full), merged at export
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    moe_lora_r: int = 0  # moe stage: LoRA on the experts (PEFT target_parameters), routers trained in full
     moe_lora_alpha: int = 32
     num_experts: int = 4
     top_k: int = 2
@@ -187,7 +195,8 @@ def set_trainable(cfg: MoEConfig, model) -> dict[str, list[torch.nn.Parameter]]:
                 else "routers" if name in sparse and name.endswith("mlp.gate.weight") else "experts" if name in sparse
                 else "attention" if "self_attn" in name else "llm")
         on = (kind in trains or (kind in ("experts", "routers", "attention") and "llm" in trains)) and name not in unused
-        p.requires_grad_(on and not (cfg.moe_lora_r > 0 and kind == "experts"))
+        lora_instead = (cfg.moe_lora_r > 0 and kind == "experts") or (cfg.lora_r > 0 and kind in ("llm", "attention"))
+        p.requires_grad_(on and not lora_instead)
         if p.requires_grad:
             groups["projector" if kind == "projector" else "vision" if kind == "vision" else "rest"].append(p)
     return groups
@@ -276,26 +285,58 @@ def prepare_stage_model(cfg: MoEConfig, model, accelerator):
     groups = set_trainable(cfg, model)
     if cfg.stage == "moe":  # everything before the first MoE block is frozen: ZeRO-3's backward needs input grads
         model.enable_input_require_grads()
-    if cfg.stage == "moe" and cfg.moe_lora_r > 0:
-        from peft import get_peft_model
-
-        lora_config = moe.expert_lora_config(model, cfg.moe_lora_r, cfg.moe_lora_alpha)
-        model = get_peft_model(model, lora_config)
-        groups["rest"] += [p for n, p in model.named_parameters() if "lora_" in n]
+    if cfg.lora_r > 0 or cfg.moe_lora_r > 0:
+        model, lora_config = wrap_lora(cfg, model, groups)
     return model, groups, probe, lora_config
+
+
+# the LLM's projections in the llm stage; the vision tower (CLIP/SigLIP q/k/v/out_proj, fc1/fc2) and projector excluded
+LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def wrap_lora(cfg: MoEConfig, model, groups: dict):
+    """LoRA on the LLM (llm stage) or on the experts (moe stage), with what the stage trains in full (projector,
+    routers, attention under train_attention, the tower when unfrozen) kept trainable: get_peft_model freezes every
+    non-LoRA parameter. Returns (peft model, LoraConfig for the export): the export's config names those modules in
+    `modules_to_save`, so the adapter directory holds them too and the merged model has their trained weights."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.stage == "moe":
+        train_config = moe.expert_lora_config(model, cfg.moe_lora_r, cfg.moe_lora_alpha)
+    else:
+        train_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                  target_modules=LLM_LORA_TARGETS)
+    full = [p for ps in groups.values() for p in ps]
+    full_modules = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if p.requires_grad})
+    model = get_peft_model(model, train_config)
+    for p in full:
+        p.requires_grad_(True)
+    groups["rest"] += [p for n, p in model.named_parameters() if "lora_" in n]
+    export_config = copy.deepcopy(train_config)
+    export_config.modules_to_save = full_modules or None
+    return model, export_config
 
 
 # ---------------------------------------------------------------- main
 
 def main(cfg: MoEConfig) -> dict:
-    try:
+    with exit_on_bad_record():
         return run(cfg)
-    except RecordError as e:  # a bad record is the user's to fix: one line naming it, not a traceback
-        raise SystemExit(f"bad record: {e}") from None
+
+
+def check_stage_fields(cfg: MoEConfig) -> None:
+    defaults = MoEConfig()
+    misplaced = [f"{k} (read by the {' and '.join(s)} stage{'s' * (len(s) > 1)})" for k, s in STAGE_FIELDS.items()
+                 if cfg.stage not in s and getattr(cfg, k) != getattr(defaults, k)]
+    if misplaced:
+        raise SystemExit(f"--stage {cfg.stage} does not read {', '.join(misplaced)}: remove it or run that stage")
 
 
 def run(cfg: MoEConfig) -> dict:
     stage = STAGES[cfg.stage]
+    check_stage_fields(cfg)
     if not cfg.output_dir:
         raise SystemExit("output_dir is required")
     accelerator = make_accelerator(cfg)
@@ -347,18 +388,18 @@ def run(cfg: MoEConfig) -> dict:
 
     last_routing: dict = {}
 
-    def routing_files() -> dict[str, str]:  # every rank calls it at a save: the statistics are summed over ranks
+    def routing_files() -> tuple[dict[str, str], dict[str, float]]:  # every rank, at a save: summed over ranks
         probe.all_reduce(partial(accelerator.reduce, reduction="sum"))
         summary = probe.summary()
         probe.reset()
         if not summary["layers"] and last_routing:  # the export right after a checkpoint of the same step
-            return last_routing
+            return dict(last_routing), {}
         for layer in summary["layers"]:
             shares = {k: "/".join(f"{x:.2f}" for x in layer[k]) if layer[k] else "-" for k in ("image", "text")}
             accelerator.print(f"routing layer {layer['layer']} | image tokens {shares['image']} | text tokens "
                               f"{shares['text']} | aux {layer['aux_loss_mean']:.3f}")
         last_routing.update({"routing.json": json.dumps(summary, indent=1) + "\n"})
-        return dict(last_routing)
+        return dict(last_routing), moe.routing_scalars(summary)  # the shares also go to the trackers
 
     # ---- train, then the export; what the stage trained is logged by the loop ("training N of M parameters")
     accelerator.print(f"stage {cfg.stage}: trains {stage['trains']}{' + vision tower' if cfg.unfreeze_vision_tower else ''}"
@@ -377,6 +418,7 @@ def run(cfg: MoEConfig) -> dict:
         accelerator.print(f"held-out classification: {acc['classify_accuracy']:.3f} of {acc['classify_n']} answered "
                           f"exactly (e.g. {acc['examples'][:2]})")
         (Path(cfg.output_dir) / "classification.json").write_text(json.dumps(acc, indent=1) + "\n")
+        accelerator.log({k: acc[k] for k in ("classify_accuracy", "classify_n")}, step=cfg.max_steps)
         result.update({k: acc[k] for k in ("classify_accuracy", "classify_n")})
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -102,6 +102,23 @@ def _plain_model(model_class, config=None, pretrained: str | None = None):
         return model_class._from_config(config)
 
 
+def _run_keys(plain, state_dict: dict, wanted=lambda key: True) -> dict:
+    """The run's weights under the export model's names, for the keys `wanted` selects (all must be there).
+    Modules trained in full beside LoRA are `modules_to_save` in the export's LoraConfig only (PEFT would deep-copy
+    them in training, which ZeRO-3's partitioned weights do not survive): their trained weights fill both the saved
+    copy and the original."""
+    out, missing = {}, []
+    for key in filter(wanted, plain.state_dict()):
+        source = key.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+        if source in state_dict:
+            out[key] = state_dict[source]
+        else:
+            missing.append(key)
+    if missing:
+        raise RuntimeError(f"LoRA export: {len(missing)} weights missing from the run, e.g. {missing[:3]}")
+    return out
+
+
 def stop_at_end_of_turn(model_dir: Path, tokenizer) -> None:
     """Make generation_config.json stop at the chat template's end-of-turn token as well as eos, so plain
     `generate()` and vLLM end a chat answer where training taught the model to end it."""
@@ -140,14 +157,13 @@ def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lo
             if base_for_merge:
                 base_class = type(unwrapped.get_base_model())
                 plain = get_peft_model(_plain_model(base_class, pretrained=base_for_merge), lora_config)
-                lora_keys = {k for k in plain.state_dict() if "lora_" in k}
-                if missing := sorted(lora_keys - set(state_dict)):
-                    raise RuntimeError(f"LoRA export: adapter weights missing from the run: {missing[:3]}")
-                plain.load_state_dict({k: state_dict[k] for k in lora_keys}, strict=False)
+                # only the adapter (and modules trained in full) come from the run; the base is unquantised
+                trained = lambda k: "lora_" in k or ".modules_to_save." in k  # noqa: E731
+                plain.load_state_dict(_run_keys(plain, state_dict, trained), strict=False)
             else:
                 base = unwrapped.get_base_model()
                 plain = get_peft_model(_plain_model(type(base), config=base.config), lora_config)
-                plain.load_state_dict(state_dict)  # strict: a key mismatch must not export half-trained weights
+                plain.load_state_dict(_run_keys(plain, state_dict))  # strict: no half-trained export
             adapter, adapter_tmp = Path(output_dir) / "adapter", Path(output_dir) / ".tmp-adapter"
             shutil.rmtree(adapter_tmp, ignore_errors=True)
             plain.save_pretrained(adapter_tmp)

@@ -59,10 +59,11 @@ def args_for(inputs: Path, out: Path, stage: str, init_from: Path, **overrides) 
     ann = inputs / "annotations"
     data = [str(ann / f"{n}.jsonl") for n in ("captions", "vqa", "classify", "instructions")]
     values = {"output_dir": out, "stage": stage, "init_from": init_from, "train_data": json.dumps(data),
-              "vision_config": json.dumps(TINY_CLIP), "max_length": 192, "micro_batch_size": 4, "max_steps": 4,
+              "max_length": 192, "micro_batch_size": 4, "max_steps": 4,
               "learning_rate": 5e-3, "projector_lr": 5e-3, "vision_lr": 5e-3, "warmup_steps": 1, "eval_every": 0,
               "eval_batches": 2, "save_every": 0, "classify_eval": 4, "classify_data": ann / "classify.jsonl",
-              "ds_config": REPO / "ds_configs/zero3_fp32.json", **overrides}
+              "ds_config": REPO / "ds_configs/zero3_fp32.json",
+              **({"vision_config": json.dumps(TINY_CLIP)} if stage == "projector" else {}), **overrides}
     return [x for k, v in values.items() for x in (f"--{k}", str(v))]
 
 
@@ -197,3 +198,47 @@ def test_task_repeats_weight_the_data_mix_and_unknown_tasks_are_an_error():
     assert repeat_tasks(MoEConfig(), examples, rows, print) is examples
     with pytest.raises(SystemExit, match="unknown task.*captions"):
         repeat_tasks(MoEConfig(task_repeats={"captions": 2}), examples, rows, print)
+
+
+def test_llm_stage_with_lora_trains_adapters_and_projector_and_exports_them_merged(three_stages, vlm_inputs, tmp_path):
+    out = tmp_path / "llm_lora"
+    result = run_stage(args_for(vlm_inputs, out, "llm", three_stages["projector"][1] / "final", lora_r=4,
+                                lora_dropout=0.0))
+    changed, names = changed_parameters(three_stages["projector"][1] / "final", out / "final")
+    projections = {n for n in names if "language_model" in n and re.search(r"\.(q|k|v|o|gate|up|down)_proj\.", n)}
+    projector = {n for n in names if "multi_modal_projector" in n}
+    assert projector <= changed and projections <= changed  # LoRA merged into every LLM projection
+    assert changed == projector | projections  # embeddings, norms, lm_head and the tower stay bit-equal
+    adapter = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert adapter["r"] == 4 and any("multi_modal_projector" in m for m in adapter["modules_to_save"])
+    # LoRA's B starts at zero, so the step-0 held-out loss is the full llm stage's, computed on the same model
+    full = run_stage(args_for(vlm_inputs, tmp_path / "llm_full", "llm", three_stages["projector"][1] / "final",
+                              max_steps=1))
+    assert result["history"][0]["eval_loss"] == pytest.approx(full["history"][0]["eval_loss"], rel=1e-5)
+
+
+def test_moe_stage_with_expert_lora_trains_routers_and_merges_onto_unchanged_base_experts(three_stages, vlm_inputs,
+                                                                                          tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "moe_lora"
+    run_stage(args_for(vlm_inputs, out, "moe", three_stages["llm"][1] / "final", moe_lora_r=4, learning_rate=1e-2))
+    changed, names = changed_parameters(out / "start", out / "final")
+    routers = {n for n in names if n.endswith("block_sparse_moe.gate.weight")}
+    assert len(routers) == 2 and routers <= changed  # the routers learn (PEFT alone would have frozen them)
+    assert changed <= {n for n in names if ".block_sparse_moe." in n}  # attention, embeddings, tower bit-equal
+    # the export is the start model + the saved adapter (expert LoRA and the routers) merged: base experts untouched
+    start = AutoModelForImageTextToText.from_pretrained(out / "start", dtype=torch.float32)
+    merged = PeftModel.from_pretrained(start, out / "adapter").merge_and_unload().state_dict()
+    final = AutoModelForImageTextToText.from_pretrained(out / "final", dtype=torch.float32).state_dict()
+    assert merged.keys() == final.keys()
+    for k in final:  # one fp32 rounding of W + s·B·A either way
+        torch.testing.assert_close(merged[k], final[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_field_the_stage_does_not_read_is_an_error_naming_it_and_its_stages(vlm_inputs, tmp_path):
+    with pytest.raises(SystemExit, match=r"--stage projector does not read moe_lora_r \(read by the moe stage\)"):
+        run_stage(args_for(vlm_inputs, tmp_path / "p", "projector", vlm_inputs / "llm", moe_lora_r=4))
+    with pytest.raises(SystemExit, match=r"lora_r \(read by the llm stage\)"):
+        run_stage(args_for(vlm_inputs, tmp_path / "m", "moe", vlm_inputs / "llm", lora_r=4))
