@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,real]'
+	@# liger-kernel's Python wiring only (its Triton kernels need CUDA): tests/test_liger.py runs its real patch functions
+	$(PY) -m pip install -q --no-deps liger-kernel==0.8.5
 	@# METEOR (pycocoevalcap) runs on Java: install a JRE where we can, else say what is lost
 	@command -v java >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get install -y -q default-jre-headless >/dev/null; } || \

@@ -4,6 +4,7 @@ Everything here returns plain Hugging Face objects; nothing needs custom modelli
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -168,9 +169,13 @@ def apply_liger(model, mode: str, zero_stage: int) -> str:
 
     `auto` applies them on a GPU when liger-kernel is installed; `on` insists. Under ZeRO-3 the fused linear
     cross-entropy is left out: it reads lm_head.weight inside the top-level forward, where ZeRO-3 has not
-    gathered it, so plain Liger cross-entropy is used instead. Returns what was applied, for the log.
+    gathered it, so plain Liger cross-entropy is used instead. In an MoE, Liger's SwiGLU would swap the experts
+    module for its own per-expert loop (undoing grouped_mm) and fails on dense layers without `experts`
+    (Qwen3Moe's mlp_only_layers): the experts are left alone and only the dense MLPs get Liger's SwiGLU. Only this
+    model instance is patched (see `_liger_on_instance_only`). Returns what was applied, for the log.
     """
     import importlib.util
+    import inspect
 
     if mode == "off":
         return "off"
@@ -179,13 +184,89 @@ def apply_liger(model, mode: str, zero_stage: int) -> str:
         if mode == "on":
             raise SystemExit("liger: 'on' needs liger-kernel installed (pip install '.[gpu]') and a CUDA GPU")
         return "off (" + ("no GPU" if available else "liger-kernel not installed") + ")"
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _patch_swiglu_module
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
 
     fused = zero_stage < 3
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # Liger's SwiGLU swaps an MoE's experts module for its own per-expert loop, which would undo grouped_mm
+    patch = MODEL_TYPE_TO_APPLY_LIGER_FN.get(base.config.model_type)
+    if patch is None:
+        if mode == "on":
+            raise SystemExit(f"liger: 'on' but liger-kernel has no kernels for model_type '{base.config.model_type}'")
+        return f"off (no Liger kernels for {base.config.model_type})"
     moe = any(name.endswith(".experts") for name, _ in base.named_modules())
-    extra = {"swiglu": False} if moe else {}
-    _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=fused, cross_entropy=not fused, **extra)
+    kwargs = {"fused_linear_cross_entropy": fused, "cross_entropy": not fused, "swiglu": not moe}
+    # Liger's own _apply_liger_kernel_to_instance keeps only the kwargs a patch function names (monkey_patch.py:4018
+    # in 0.8.5), and the Llava patch names the text model's as **kwargs: swiglu=False was dropped there and the
+    # text model patched with swiglu=True. A patch that takes **kwargs gets them all and hands them on.
+    params = inspect.signature(patch).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    with _liger_on_instance_only(base):
+        patch(model=base, **kwargs)
+    dense_mlps = 0
+    text = base.config.get_text_config()
+    if moe and getattr(text, "hidden_act", None) in ("silu", "swish"):
+        for name, module in base.named_modules():
+            if name.endswith(".mlp") and not hasattr(module, "experts") and \
+                    all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+                _patch_swiglu_module(module, LigerSwiGLUMLP)
+                dense_mlps += 1
     return "on" + ("" if fused else " (no fused linear cross-entropy under ZeRO-3)") + \
-        (" (experts keep their experts_implementation)" if moe else "")
+        (f" (experts keep their experts_implementation; Liger SwiGLU on {dense_mlps} dense MLPs)" if moe else "")
+
+
+_MISSING = object()
+
+
+@contextmanager
+def _liger_on_instance_only(model):
+    """Undo the module-level half of a Liger patch, keeping its effect on `model` alone.
+
+    Liger's patch functions also replace names in transformers' modelling modules (`modeling_qwen3.Qwen3RMSNorm =
+    LigerRMSNorm`, `... .apply_rotary_pos_emb = liger_rotary_pos_emb`) and torch's `nn.functional.cross_entropy`,
+    so every model built later in the process (the classification check's reload, evaluation on CPU) would be
+    made of Triton-only parts. Here the modules get their own names back; this model's modules whose forward
+    reads a replaced function get a forward that sees Liger's version; Liger's cross-entropy becomes this model's
+    loss function only.
+    """
+    import sys
+    from types import FunctionType, MethodType
+
+    modules = {n: m for n, m in list(sys.modules.items()) if n.startswith("transformers.models.") and m is not None}
+    before = {n: dict(vars(m)) for n, m in modules.items()}
+    cross_entropy = torch.nn.functional.cross_entropy
+    try:
+        yield
+    finally:
+        liger_cross_entropy = torch.nn.functional.cross_entropy
+        torch.nn.functional.cross_entropy = cross_entropy
+        for name, mod in modules.items():
+            old = before[name]
+            replaced = {k: v for k, v in vars(mod).items() if old.get(k, _MISSING) is not v}
+            for key in replaced:
+                if key in old:
+                    setattr(mod, key, old[key])
+                else:
+                    delattr(mod, key)
+            functions = {k: v for k, v in replaced.items() if callable(v) and not isinstance(v, type)}
+            for module in model.modules() if functions else ():
+                forward = getattr(type(module), "forward", None)
+                if "forward" in vars(module) or not isinstance(forward, FunctionType) or \
+                        forward.__globals__ is not vars(mod) or not set(functions) & set(forward.__code__.co_names):
+                    continue
+                patched = FunctionType(forward.__code__, {**forward.__globals__, **functions}, forward.__name__,
+                                       forward.__defaults__, forward.__closure__)
+                patched.__kwdefaults__ = forward.__kwdefaults__
+                module.forward = MethodType(patched, module)
+        if liger_cross_entropy is not cross_entropy:
+            loss_function = model.loss_function
+
+            def liger_loss(*args, **kwargs):  # transformers' loss looks nn.functional.cross_entropy up at call time
+                torch.nn.functional.cross_entropy = liger_cross_entropy
+                try:
+                    return loss_function(*args, **kwargs)
+                finally:
+                    torch.nn.functional.cross_entropy = cross_entropy
+
+            model.loss_function = liger_loss

@@ -327,30 +327,3 @@ def test_gradient_checkpointing_auto_turns_on_when_activations_would_fill_a_thir
     assert wants_gradient_checkpointing(False, llama_8b, 64, 8192, gpu) is False
     vlm = SimpleNamespace(config=SimpleNamespace(text_config=llama_8b.config))  # Llava: the decoder's shape counts
     assert wants_gradient_checkpointing("auto", vlm, 4, 2048, gpu) is True
-
-
-def test_liger_keeps_moe_experts_and_their_experts_implementation(monkeypatch):
-    """Liger's SwiGLU would swap an MoE's experts module for its own, undoing grouped_mm: it is asked not to."""
-    import importlib.util
-    import sys
-    import types
-
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
-
-    from semivlm.model import apply_liger
-
-    calls = []
-    fake = types.ModuleType("liger_kernel.transformers")
-    fake._apply_liger_kernel_to_instance = lambda model, **kw: calls.append((type(model).__name__, kw))
-    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "liger_kernel" else real_find_spec(name, *a))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
-    assert apply_liger(LlamaForCausalLM(LlamaConfig(**shape)), "auto", 2) == "on"
-    assert "experts keep" in apply_liger(MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=2)), "on", 3)
-    assert calls == [("LlamaForCausalLM", {"fused_linear_cross_entropy": True, "cross_entropy": False}),
-                     ("MixtralForCausalLM", {"fused_linear_cross_entropy": False, "cross_entropy": True,
-                                             "swiglu": False})]
