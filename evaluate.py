@@ -20,7 +20,6 @@ several evaluations (dense vs MoE vs GPTQ, stage by stage) side by side in one r
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,11 +27,10 @@ from typing import Literal
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from semivlm import evaluation as ev  # noqa: E402
-from semivlm import metrics  # noqa: E402
-from semivlm.config import load_config  # noqa: E402
-from semivlm.data import RecordError, record_task  # noqa: E402
+from semivlm import evaluation as ev
+from semivlm import metrics
+from semivlm.config import load_config
+from semivlm.data import exit_on_bad_record, record_task
 
 # headline metrics of one run, in the order the comparison table shows them
 HEADLINE = ["perplexity", "corpus_perplexity", "bleu4", "meteor", "rouge_l", "cider", "vqa_exact_match",
@@ -181,7 +179,7 @@ def main(cfg: EvalConfig) -> dict:
                            for (r, _), p, ref in zip(limited[task], preds, refs))
         return preds, refs
 
-    try:
+    with exit_on_bad_record():
         # ---- captions: the captioning metrics of the seed papers
         if "caption" in limited:
             preds, refs = answers("caption")
@@ -243,8 +241,6 @@ def main(cfg: EvalConfig) -> dict:
             summary = json.loads(trained.read_text()) if trained.is_file() else {}
             if summary.get("layers"):  # the training-time shares of the last save interval
                 result.setdefault("routing", {})["training_plot"] = metrics.plot_routing(summary, out / "routing_train.png")
-    except RecordError as e:
-        raise SystemExit(f"bad record: {e}") from None
 
     # ---- report
     headline["size_mb"] = ev.disk_size(cfg.model) / 2**20

@@ -25,18 +25,16 @@ import json
 import random
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from semivlm import evaluation as ev  # noqa: E402
-from semivlm import vlm  # noqa: E402
-from semivlm.chat import encode_records  # noqa: E402
-from semivlm.config import load_config  # noqa: E402
+from semivlm import evaluation as ev
+from semivlm import vlm
+from semivlm.chat import encode_records
+from semivlm.config import load_config
 
 # modules GPTQ leaves alone: the vision side, the routers (a 4-bit router changes which experts a token meets), lm_head
 IGNORE = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*mlp\\.gate$",

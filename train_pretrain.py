@@ -14,16 +14,14 @@ and `output_dir/history.json`; rerunning the same command resumes from the newes
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from semivlm.config import load_config  # noqa: E402
-from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage  # noqa: E402
-from semivlm.model import (apply_liger, apply_lora, build_causal_lm, load_tokenizer,  # noqa: E402
+from semivlm.config import load_config
+from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage
+from semivlm.model import (apply_liger, apply_lora, build_causal_lm, load_tokenizer,
                            resolve_attn_implementation)
 
 

@@ -18,20 +18,17 @@ LoRA and QLoRA (nf4, double quantisation) runs export `output_dir/final` merged 
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from semivlm import chat, dpo  # noqa: E402
-from semivlm.config import load_config  # noqa: E402
-from semivlm.data import RecordError, read_jsonl  # noqa: E402
-from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage  # noqa: E402
-from semivlm.model import (apply_liger, apply_lora, build_causal_lm, load_tokenizer,  # noqa: E402
+from semivlm import chat, dpo
+from semivlm.config import load_config
+from semivlm.data import RecordError, exit_on_bad_record, read_jsonl
+from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage
+from semivlm.model import (apply_liger, apply_lora, build_causal_lm, load_tokenizer,
                            resolve_attn_implementation)
 
 
@@ -106,10 +103,8 @@ def sft_data(cfg: SFTConfig, tokenizer, rows: list[dict], where: str, accelerato
 
 
 def main(cfg: SFTConfig) -> dict:
-    try:
+    with exit_on_bad_record():
         return run(cfg)
-    except RecordError as e:  # a bad record is the user's to fix: one line naming it, not a traceback
-        raise SystemExit(f"bad record: {e}") from None
 
 
 def run(cfg: SFTConfig) -> dict:
@@ -126,7 +121,9 @@ def run(cfg: SFTConfig) -> dict:
         train_set, _ = sft_data(cfg, tokenizer, train_rows, cfg.train_data, accelerator)
         eval_set = sft_data(cfg, tokenizer, eval_rows, cfg.eval_data or cfg.train_data, accelerator)[0] \
             if eval_rows else None
-        collate = partial(chat.collate_chat, pad_id=tokenizer.pad_token_id)
+        # flash-attention needs the record boundaries spelled out when a packed micro-batch has several rows
+        collate = partial(chat.collate_chat, pad_id=tokenizer.pad_token_id,
+                          varlen=cfg.packing and model.config._attn_implementation.startswith("flash"))
         if not cfg.packing:
             lengths = [len(e["input_ids"]) for e in train_set]
             permutation = partial(chat.length_grouped_permutation, lengths, cfg.micro_batch_size, cfg.seed)

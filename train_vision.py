@@ -26,7 +26,6 @@ train_moe.py's `vision_tower:` takes it and keeps its vision half.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,13 +34,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from semivlm import vlm  # noqa: E402
-from semivlm.chat import SkipRecord, encode_counted, record_error  # noqa: E402
-from semivlm.config import load_config  # noqa: E402
-from semivlm.data import RecordError, read_jsonl  # noqa: E402
-from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage  # noqa: E402
-from semivlm.model import load_tokenizer  # noqa: E402
+from semivlm import vlm
+from semivlm.chat import SkipRecord, encode_counted, record_error
+from semivlm.config import load_config
+from semivlm.data import RecordError, read_jsonl
+from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage
+from semivlm.model import load_tokenizer
 
 
 @dataclass

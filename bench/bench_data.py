@@ -22,9 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.synth_micrographs import SynthConfig, main as synth_main  # noqa: E402
-from semivlm.config import ConfigError, load_config  # noqa: E402
+from data_prep.synth_micrographs import SynthConfig, main as synth_main
+from semivlm.config import ConfigError, load_config
 
 
 @dataclass
@@ -74,6 +73,7 @@ def bench_generator(cfg: BenchDataConfig) -> dict:
 def bench_annotation(cfg: BenchDataConfig) -> dict:
     """Records/s of annotate.py --teacher openai against the tests' fake server (in this process, so on a small CPU
     server and client share the GIL: a floor for the client), then of a rerun served from the disk cache."""
+    # the fake server is a test helper, not part of the installed packages: the one path this bench must add
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from fake_openai_server import benchmark_against_fake_server
 

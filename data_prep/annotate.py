@@ -6,8 +6,8 @@
     srun -N1 -c 8 --time=12:00:00 python data_prep/annotate.py --teacher openai --base_url http://$VLLM_HOST:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct --manifest /data/sem/manifest.jsonl --out /data/sem/annotations --concurrency 64
 
 Teachers: `metadata` (default; offline, deterministic per image id: varied captions and questions written from the
-ground truth of synthetic images, see semivlm/captions.py), `openai` (any OpenAI-compatible endpoint; the key only from
-OPENAI_API_KEY; prompts from --prompts_dir; semivlm/teacher.py has the retry, cache and schema policy) and
+ground truth of synthetic images, see data_prep/captions.py), `openai` (any OpenAI-compatible endpoint; the key only from
+OPENAI_API_KEY; prompts from --prompts_dir; data_prep/teacher.py has the retry, cache and schema policy) and
 `transformers` (a local VLM directory as --model). Teacher answers are checked against the ground truth and metadata
 (category, count, size, pitch, orientation, coverage, defects, modality); contradicting answers are dropped and
 counted per check.
@@ -20,11 +20,6 @@ of an image cut midway, and skips images already done (records or failure entry;
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import asyncio
 import json
 import os
@@ -33,13 +28,13 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from data_prep.captions import describe_image, parse_lengths_nm
+from data_prep.teacher import (QUESTION_TYPES, FatalTeacherError, ImageAnnotation, TeacherConfig, TeacherError,
+                               read_prompt, redact, render, repair_jsonl)
 from semivlm.config import ConfigError, load_config, save_config
-from semivlm.data import CATEGORIES, RecordError, append_jsonl, image_record, read_jsonl, write_jsonl_atomic
-from semivlm.captions import describe_image, parse_lengths_nm
-from semivlm.data import fmt_length
-from semivlm.teacher import (QUESTION_TYPES, FatalTeacherError, ImageAnnotation, TeacherError, read_prompt, redact,
-                             render, repair_jsonl)
+from semivlm.data import CATEGORIES, RecordError, append_jsonl, fmt_length, image_record, read_jsonl, write_jsonl_atomic
 
 TEACHERS = ("metadata", "openai", "transformers")
 OUTPUTS = ("captions", "vqa", "classify", "failures")
@@ -54,22 +49,10 @@ CAPTION_PROMPTS = ["Describe this micrograph.", "Write a short caption for this 
 
 
 @dataclass
-class AnnotateConfig:
+class AnnotateConfig(TeacherConfig):
     teacher: str = "metadata"           # metadata | openai | transformers
     manifest: str = ""                  # micrograph manifest JSONL (docs/manifest.md)
     out: str = ""                       # output directory
-    base_url: str = ""                  # openai: server URL (or OPENAI_BASE_URL); the key only from OPENAI_API_KEY
-    model: str = ""                     # openai: served model name; transformers: local model directory
-    prompts_dir: str = "data_prep/prompts"
-    response_format: str = "json_schema"    # json_schema | json_object | none (servers without structured output)
-    concurrency: int = 8
-    max_retries: int = 4
-    timeout_s: float = 120.0
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    temperature: float = 0.2
-    max_tokens: int = 1024
-    cache_dir: str = ""                 # "" = <out>/cache
     splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
     vqa_per_image: int = 6
     seed: int = 0
@@ -278,12 +261,9 @@ def make_teacher(cfg: AnnotateConfig, out: Path):
     if cfg.teacher == "metadata":
         return None
     if cfg.teacher == "transformers":
-        from semivlm.teacher import TransformersTeacher
+        from data_prep.teacher import TransformersTeacher
         return TransformersTeacher(cfg.model, cfg.max_tokens, cfg.temperature, cfg.max_retries, cfg.seed, log)
-    from semivlm.teacher import OpenAITeacher
-    return OpenAITeacher(cfg.model, cfg.base_url, cfg.concurrency, cfg.max_retries, cfg.timeout_s, cfg.temperature,
-                         cfg.max_tokens, cfg.seed, cfg.cache_dir or out / "cache", cfg.backoff_base_s,
-                         cfg.backoff_max_s, cfg.response_format, log)
+    return cfg.openai_teacher(out, cfg.seed, log)
 
 
 async def run(cfg: AnnotateConfig, todo: list[dict], out: Path, counts: Counter, checks: Counter) -> None:

@@ -20,11 +20,6 @@ every row exactly block_size long), stats.json, config.json.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import functools
 import hashlib
 import io
@@ -37,6 +32,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 

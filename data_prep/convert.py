@@ -22,16 +22,12 @@ error naming the file and record, or with --skip_invalid are skipped and counted
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import json
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from semivlm.config import ConfigError, load_config
 from semivlm.data import RecordError, read_jsonl, write_jsonl_atomic

@@ -10,11 +10,6 @@ images of one file) in one split; every file gets `ok` or `skip <reason>`. Write
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import hashlib
 import json
 import math
@@ -24,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial, reduce
+from pathlib import Path
 from typing import Literal
 
 import numpy as np

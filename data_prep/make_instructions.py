@@ -9,7 +9,7 @@ Input: documents.jsonl of data_prep/build_corpus.py, cut into chunks of whole pa
 `builtin` (default; offline, deterministic per chunk id): "explain" (a heading's paragraphs), definitions and cloze
 questions from "X is Y" sentences and glossary entries, failure modes from bold-led bullets, worked calculations with
 answers computed here (Rayleigh k1·λ/NA, depth of focus k2·λ/NA², Deal–Grove oxide, implant dose from current × time,
-CMP Preston scaling, sheet resistance ρ/t); `openai` (semivlm/teacher.py, prompt <prompts_dir>/instructions.txt,
+CMP Preston scaling, sheet resistance ρ/t); `openai` (data_prep/teacher.py, prompt <prompts_dir>/instructions.txt,
 answers cached on disk: a rerun after a kill repeats no request).
 
 Outputs in --out: instructions.jsonl (text_record; meta: task=instruction, kind = principle | calculation |
@@ -21,11 +21,6 @@ failures.jsonl (openai: chunks that failed), stats.json, config.json.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import asyncio
 import json
 import math
@@ -35,12 +30,13 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
+from data_prep.captions import DEFECT_NAMES, PHRASES
+from data_prep.teacher import (INSTRUCTION_KINDS, FatalTeacherError, InstructionSet, TeacherConfig, TeacherError,
+                               read_prompt, redact, render)
 from semivlm.config import ConfigError, load_config, save_config
 from semivlm.data import CATEGORIES, RecordError, read_jsonl, text_record, write_jsonl_atomic
-from semivlm.captions import DEFECT_NAMES, PHRASES
-from semivlm.teacher import (INSTRUCTION_KINDS, FatalTeacherError, InstructionSet, TeacherError, read_prompt, redact,
-                             render)
 
 Q_E = 1.602176634e-19                   # elementary charge, C
 UNITS = {"nm": "µm", "µm": "nm", "mA": "µA", "µA": "mA", "Ω/sq": "kΩ/sq", "s": "min", "min": "s", "h": "min"}
@@ -49,23 +45,13 @@ ANTONYMS = [("increase", "decrease"), ("higher", "lower"), ("larger", "smaller")
 
 
 @dataclass
-class InstructionsConfig:
+class InstructionsConfig(TeacherConfig):
     teacher: str = "builtin"            # builtin | openai
     documents: str = ""                 # documents.jsonl from data_prep/build_corpus.py
     annotations: str = ""               # annotate.py output directory: image preference pairs from its records
     out: str = ""
-    base_url: str = ""                  # openai: server URL (or OPENAI_BASE_URL); the key only from OPENAI_API_KEY
-    model: str = ""
-    prompts_dir: str = "data_prep/prompts"
-    response_format: str = "json_schema"
-    concurrency: int = 8
-    max_retries: int = 4
-    timeout_s: float = 120.0
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    temperature: float = 0.7
-    max_tokens: int = 2048
-    cache_dir: str = ""                 # "" = <out>/cache
+    temperature: float = 0.7            # varied pairs from one chunk (annotation wants 0.2: facts)
+    max_tokens: int = 2048              # several pairs per answer
     pairs_per_chunk: int = 4            # openai: pairs asked per chunk
     max_chunk_chars: int = 1500
     min_chunk_chars: int = 200
@@ -328,12 +314,8 @@ def preference_pairs(instructions: list[dict], annotations: str, out: Path, seed
 
 # ------------------------------------------------------------------------------------------------------ driver
 async def teacher_pairs(cfg: InstructionsConfig, chunks: list[dict], out: Path, failures: list) -> list[tuple]:
-    from semivlm.teacher import OpenAITeacher
-
     template = read_prompt(cfg.prompts_dir, "instructions")
-    teacher = OpenAITeacher(cfg.model, cfg.base_url, cfg.concurrency, cfg.max_retries, cfg.timeout_s, cfg.temperature,
-                            cfg.max_tokens, cfg.seed, cfg.cache_dir or out / "cache", cfg.backoff_base_s,
-                            cfg.backoff_max_s, cfg.response_format, log)
+    teacher = cfg.openai_teacher(out, cfg.seed, log)
     log(f"teacher openai: model {cfg.model} at {teacher.base_url}")
 
     async def one(chunk):

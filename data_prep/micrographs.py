@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
+from data_prep.morphology import DEFECT_TYPES, F32, RENDERERS, Scene, contamination, flat, gauss_noise, smooth_field
 from semivlm.data import fmt_length
-from semivlm.morphology import DEFECT_TYPES, F32, RENDERERS, Scene, contamination, flat, gauss_noise, smooth_field
 
 
 # ------------------------------------------------------------------------------------------------ image formation

@@ -1,6 +1,6 @@
 """The ten category scenes of the synthetic micrographs: geometry helpers and one renderer per category of
 semivlm.data.CATEGORIES. A renderer draws a `Scene` (height, albedo, mask of the counted objects, geometric truth in
-pixels) and knows which defects it can carry; semivlm/micrographs.py turns the scene into an SEM- or TEM-like image.
+pixels) and knows which defects it can carry; data_prep/micrographs.py turns the scene into an SEM- or TEM-like image.
 
 Conventions: coordinates are image pixels, x right, y down, origin top-left; `orientation` is the axis of elongated
 features in 0..180, counter-clockwise from +x as seen on screen (None when no axis dominates); sizes are

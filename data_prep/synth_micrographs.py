@@ -7,7 +7,7 @@
 Categories are the ten of the public SEM dataset of Aversa et al. (2018) (semivlm.data.CATEGORIES), taken round-robin:
 image i is category i % 10. Each image is seeded from (seed, i) alone, so any subset can be regenerated and the same
 seed gives byte-identical PNGs and manifest. Categories differ by morphology only: pixel size, brightness, contrast,
-noise, charging, defocus and edge brightening come from one distribution for all of them (semivlm/micrographs.py).
+noise, charging, defocus and edge brightening come from one distribution for all of them (data_prep/micrographs.py).
 A `tem_fraction` of images are TEM-like (mass-thickness contrast, no edge brightening); a `data_bar_fraction` carry an
 instrument data bar appended below the micrograph, with a scale bar whose length is right for the pixel size.
 
@@ -16,23 +16,19 @@ stratified by category, seeded), config.json. `--clean true` renders without noi
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import time
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from data_prep.micrographs import render
 from semivlm.config import ConfigError, load_config, save_config
 from semivlm.data import CATEGORIES, write_jsonl_atomic
-from semivlm.micrographs import render
 
 CATS = list(CATEGORIES)
 # Huffman-only deflate: noisy micrographs gain nothing from LZ matching, and it is 1.4x faster with smaller files

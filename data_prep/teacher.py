@@ -7,6 +7,7 @@
   text, image bytes, sampling parameters): a rerun sends no request for a cached item.
 * `TransformersTeacher`: a local VLM directory (`AutoModelForImageTextToText` + `AutoProcessor`), same prompts, JSON
   parsed out of the generated text.
+* `TeacherConfig`: the teacher fields both scripts' configs inherit (one place for their names and defaults).
 * JSON schemas of the answers (pydantic), `response_format` built from them, JSON extraction from free text,
   repair of an append-only JSONL whose last line a kill cut in half, and redaction of the API key.
 
@@ -24,6 +25,7 @@ import os
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -235,6 +237,27 @@ def retry_after_seconds(response) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------- the teachers
+@dataclass
+class TeacherConfig:
+    """The teacher fields annotate.py's and make_instructions.py's configs inherit (each sets its own `teacher`)."""
+    base_url: str = ""                  # openai: server URL (or OPENAI_BASE_URL); the key only from OPENAI_API_KEY
+    model: str = ""                     # openai: served model name; transformers: local model directory
+    prompts_dir: str = "data_prep/prompts"
+    response_format: str = "json_schema"    # json_schema | json_object | none (servers without structured output)
+    concurrency: int = 8                # requests in flight
+    max_retries: int = 4                # per request, on 429, 5xx, timeouts, connection errors and invalid answers
+    timeout_s: float = 120.0
+    backoff_base_s: float = 1.0         # exponential backoff with jitter, capped; Retry-After wins when sent
+    backoff_max_s: float = 60.0
+    temperature: float = 0.2
+    max_tokens: int = 1024
+    cache_dir: str = ""                 # "" = <out>/cache
+
+    def openai_teacher(self, out: Path, seed: int | None, log=print) -> OpenAITeacher:
+        return OpenAITeacher(self.model, self.base_url, self.concurrency, self.max_retries, self.timeout_s,
+                             self.temperature, self.max_tokens, seed, self.cache_dir or Path(out) / "cache",
+                             self.backoff_base_s, self.backoff_max_s, self.response_format, log)
+
 class OpenAITeacher:
     """Async chat-completions client with our retry policy, a semaphore and a disk cache."""
 

@@ -20,7 +20,8 @@
 # Options: --list (print stage, output, command per line and exit), --only STAGE (run one stage; the SLURM chain does
 # this). Exit status: 0 done, 1 a stage failed, 2 bad usage, 3 a training stage stopped early on request (STOP file or
 # SIGUSR1) after writing a checkpoint: rerunning resumes it.
-# Environment: PYTHON (default .venv/bin/python, else python3) runs data preparation, evaluation and export;
+# Environment: PYTHON (default .venv/bin/python, else python3; either with this repository installed, `pip install -e .`,
+# which makes semivlm and data_prep importable from every script) runs data preparation, evaluation and export;
 # TRAIN_LAUNCHER (default $PYTHON) runs the training scripts (split on spaces: no spaces inside its arguments).
 set -euo pipefail
 

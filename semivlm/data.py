@@ -10,6 +10,7 @@ Image paths are relative to the JSONL file's directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -39,6 +40,15 @@ def fmt_length(nm: float) -> str:
 
 class RecordError(ValueError):
     """A bad input record; the message names the file and line (or record id)."""
+
+
+@contextlib.contextmanager
+def exit_on_bad_record():
+    """A bad record is the user's to fix: a script's RecordError ends it with one line naming it, not a traceback."""
+    try:
+        yield
+    except RecordError as e:
+        raise SystemExit(f"bad record: {e}") from None
 
 
 def read_jsonl(path: str | Path, skip_bad: bool = False, counts: dict | None = None) -> Iterator[dict]:

@@ -23,9 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from semivlm.data import CATEGORIES  # noqa: E402
+from semivlm.data import CATEGORIES
 
 FIXTURE_CATEGORIES = ["particles", "nanowires", "patterned_surface", "porous_sponge", "fibres", "tips",
                       "films_coated_surface", "powder", "biological", "mems_devices_electrodes"]

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-from conftest import REPO, reset_accelerate
+from conftest import reset_accelerate
 
-sys.path.insert(0, str(REPO / "bench"))
-from bench_stages import VLM_STAGES, BenchConfig, main  # noqa: E402
+from bench.bench_stages import VLM_STAGES, BenchConfig, main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUICK = dict(shape="tiny", seq_len=128, micro_batch_size=2, steps=2, warmup=1, rounds=1)
@@ -48,7 +46,7 @@ def test_zero2_and_zero3_subprocesses_measure_the_moe_stage_in_every_round(tmp_p
 
 def test_largest_micro_batch_search_finds_the_last_size_that_fits_in_gpu_memory(monkeypatch, capsys):
     """Out-of-memory stands in for the GPU: the plain loop fits 5 sequences, ours 11, from the configured 2."""
-    import bench_stages
+    from bench import bench_stages
     import torch
 
     def fake_loop(limit):

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from data_prep.build_corpus import (CorpusConfig, main, normalize_text, read_document,  # noqa: E402
+from data_prep.build_corpus import (CorpusConfig, main, normalize_text, read_document,
                                     strip_headers_footers)
-from semivlm.config import load_config  # noqa: E402
+from semivlm.config import load_config
 
 DEFAULT_CORPUS = REPO / "data" / "corpus"
 WORDS = ("wafer etch resist oxide nitride plasma anneal implant dose energy mask overlay focus exposure pitch spacer "

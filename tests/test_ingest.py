@@ -18,9 +18,8 @@ import tifffile
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from data_prep.ingest import IngestConfig, data_bar_rows, main  # noqa: E402
+from data_prep.ingest import IngestConfig, data_bar_rows, main
 
 # Example data that scientific packages ship: fetched at test time with pip, cached across runs
 CACHE = Path(os.environ.get("SEMIVLM_TEST_DATA", Path.home() / ".cache" / "semivlm-test-data"))
@@ -211,10 +210,10 @@ def test_berkeley_emd_and_stacks(tmp_path):
 
 
 def test_synthetic_data_bars_of_semivlm_micrographs_are_cropped_exactly(tmp_path):
-    """The renderer's data bar (PIL text + scale bar, semivlm.micrographs.add_data_bar) on every category; the same
+    """The renderer's data bar (PIL text + scale bar, data_prep.micrographs.add_data_bar) on every category; the same
     scenes without it keep their full height."""
     from semivlm.data import CATEGORIES
-    from semivlm.micrographs import render
+    from data_prep.micrographs import render
     d, expected = tmp_path / "in", {}
     d.mkdir()
     for i, cat in enumerate(CATEGORIES):

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -369,7 +368,6 @@ def test_recipe_config_keys_and_values():
 
 def test_recipe_config_loads_into_the_training_config():
     """The real config mechanism accepts the recipe."""
-    sys.path.insert(0, str(ROOT))
     from semivlm.config import load_config
     from train_pretrain import PretrainConfig
 

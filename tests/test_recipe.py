@@ -155,11 +155,9 @@ CONFIG_CLASSES = {"corpus": ("data_prep.build_corpus", "CorpusConfig"),
 @pytest.mark.parametrize("path", sorted((ROOT / "launch/configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_recipe_yaml_is_a_stage_and_loads_into_its_script_config(path):
     import importlib
-    import sys
 
     from semivlm.config import load_config
 
     assert path.stem in CONFIG_CLASSES, f"{path}: launch/recipe.sh has no stage for '{path.stem}'"
     module, cls = CONFIG_CLASSES[path.stem]
-    sys.path.insert(0, str(ROOT))
     load_config(getattr(importlib.import_module(module), cls), ["--config", str(path)])

@@ -17,7 +17,7 @@ from conftest import run_script
 from data_prep.synth_micrographs import CATS, PNG_OPTIONS, SynthConfig, main, make_image
 from semivlm.config import load_config
 from semivlm.data import CATEGORIES, read_jsonl
-from semivlm.micrographs import DEFECT_TYPES, render
+from data_prep.micrographs import DEFECT_TYPES, render
 
 ROW_KEYS = {"id", "path", "split", "source", "modality", "width", "height", "pixel_size_nm", "instrument",
             "provenance", "ground_truth"}
