@@ -69,3 +69,58 @@ def test_no_recipe_config_pins_the_mfu_peak():
     pinned = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "launch/configs").glob("*/*.yaml"))
               if "peak_tflops" in (yaml.safe_load(p.read_text()) or {})]
     assert pinned == []
+
+
+# ---------------------------------------------------------------- fp32 gradient accumulation under ZeRO
+
+BF16_DS_CONFIGS = ["zero2.json", "zero3.json", "zero3_offload.json"]
+
+
+@pytest.mark.parametrize("name", BF16_DS_CONFIGS + ["zero3_fp32.json"])
+def test_every_ds_config_accumulates_gradients_in_fp32(name):
+    # without it DeepSpeed 0.19.8 accumulates in the model dtype (engine.get_data_types): bf16 over 16 micro-steps
+    cfg = json.loads((ROOT / "ds_configs" / name).read_text())
+    assert cfg.get("data_types", {}).get("grad_accum_dtype") == "fp32", name
+
+
+DS_ENGINE_DTYPES = r"""
+import json, sys, torch
+import deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+for path in sys.argv[1:]:
+    cfg = json.load(open(path))
+    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=4, train_batch_size=4)
+    for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if cfg["zero_optimization"].get(k) == "auto":
+            cfg["zero_optimization"][k] = 100
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 1))
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
+    buffer = getattr(opt, "grad_partitions_flat_buffer", None)  # ZeRO-3's accumulation buffer
+    print("DTYPES", json.dumps({"file": path.rsplit("/", 1)[-1], "model": str(engine.get_data_types()[0]),
+          "accum": str(opt.gradient_accumulation_dtype), "buffer": str(buffer.dtype) if buffer is not None else None}))
+"""
+
+
+def test_deepspeed_zero2_and_zero3_take_the_fp32_accumulation_from_the_configs(tmp_path):
+    # the ZeRO-1/2 optimizer (stage_1_and_2.py: gradient_accumulation_dtype) and ZeRO-3's
+    # (stage3.py: grad_partitions_flat_buffer) are both built with engine.get_data_types()[1]
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    script = tmp_path / "dtypes.py"
+    script.write_text(DS_ENGINE_DTYPES)
+    run = subprocess.run([sys.executable, str(script), *(str(ROOT / "ds_configs" / n) for n in BF16_DS_CONFIGS)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line.split("DTYPES ", 1)[1]) for line in run.stdout.splitlines() if line.startswith("DTYPES ")]
+    assert len(rows) == 3, run.stdout[-2000:] + run.stderr[-3000:]
+    for row in rows:
+        assert row["model"] == "torch.bfloat16" and row["accum"] == "torch.float32", row
+        if row["file"] != "zero2.json":
+            assert row["buffer"] == "torch.float32", row
