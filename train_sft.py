@@ -123,7 +123,7 @@ def run(cfg: SFTConfig) -> dict:
             if eval_rows else None
         # flash-attention needs the record boundaries spelled out when a packed micro-batch has several rows
         collate = partial(chat.collate_chat, pad_id=tokenizer.pad_token_id,
-                          varlen=cfg.packing and model.config._attn_implementation.startswith("flash"))
+                          varlen=resolve_attn_implementation(cfg.attn_implementation).startswith("flash"))
         if not cfg.packing:
             lengths = [len(e["input_ids"]) for e in train_set]
             permutation = partial(chat.length_grouped_permutation, lengths, cfg.micro_batch_size, cfg.seed)

@@ -337,13 +337,17 @@ def packing_efficiency(rows: list[dict], max_length: int) -> float:
     return sum(len(r["input_ids"]) for r in rows) / (len(rows) * max_length) if rows else 0.0
 
 
-def collate_chat(rows: list[dict], pad_id: int) -> dict:
+def collate_chat(rows: list[dict], pad_id: int, varlen: bool = False) -> dict:
     """Tensors. Unpacked rows: input_ids right-padded with pad_id, attention_mask, labels -100 on padding.
     Packed rows (they carry position_ids): input_ids, labels, position_ids padded at the right (padding gets its own
     positions 0,1,2,… and labels -100) and NO attention_mask: transformers 5.17 then builds a block-diagonal causal
-    mask from the restarting position_ids for SDPA/eager (masking_utils.find_packed_sequence_indices), and
-    flash-attention uses them for varlen. Also a key "_n_tokens" (int: non-padding tokens) — keys starting with "_"
-    are read by the loop for throughput and never passed to the model.
+    mask from the restarting position_ids for SDPA/eager (masking_utils.find_packed_sequence_indices).
+    Flash-attention infers varlen from position_ids only for a single row (modeling_flash_attention_utils.
+    _is_packed_sequence: `batch_size == 1`); with more rows it would run one causal sequence per row and the records
+    would see each other. So `varlen=True` (set it under flash-attention) adds cu_seq_lens_q/k and max_length_q/k:
+    the sequence boundaries over the flattened batch, one sequence per record (and one per padding tail), which
+    transformers hands to flash_attn_varlen_func. Also a key "_n_tokens" (int: non-padding tokens) — keys starting
+    with "_" are read by the loop for throughput and never passed to the model.
 
     Call the model with use_cache=False on packed batches (the loop does): with a KV cache, transformers 5.17 skips
     the packed-sequence detection and records silently attend to each other."""
@@ -368,7 +372,13 @@ def collate_chat(rows: list[dict], pad_id: int) -> dict:
             n = len(r["position_ids"])
             position_ids[b, :n] = torch.as_tensor(r["position_ids"], dtype=torch.long)
             position_ids[b, n:] = torch.arange(width - n)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "_n_tokens": n_tokens}
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "_n_tokens": n_tokens}
+        if varlen:
+            flat = position_ids.flatten()
+            cu = torch.cat([torch.nonzero(flat == 0).flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return batch
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
         attention_mask[b, :len(r["input_ids"])] = 1
