@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import netrc
 import os
 import re
 import resource
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable, Literal
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
 from semivlm import checkpoint as ckpt
+from semivlm.config import ConfigError
 from semivlm.model import compile_blocks, flops_per_token, local_numel, numel, wants_gradient_checkpointing
 
 
@@ -60,7 +63,9 @@ class TrainConfig:
     attn_implementation: str = "auto"  # auto = flash_attention_2 when installed on a GPU, else sdpa
     liger: Literal["auto", "on", "off"] = "auto"  # Liger kernels: auto = when installed on a GPU
     compile: bool = False  # torch.compile each transformer block (model.compile_blocks); not under ZeRO-3
-    tensorboard: bool = False
+    # experiment trackers through Accelerate: none | tensorboard | wandb | mlflow, or a list of them; their files go
+    # under output_dir (tensorboard/, mlruns/, wandb/) unless MLFLOW_TRACKING_URI or WANDB_DIR point elsewhere
+    report_to: str | list[str] = "none"
     exit_after_steps: int = 0  # checkpoint and exit 0 after this many steps of this invocation (time-sliced jobs)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = datasheet for known GPUs, else a measured matmul ceiling
 
@@ -109,9 +114,34 @@ def read_ds_config(path: str) -> dict:
         raise SystemExit(f"ds_config '{path}' is not valid JSON: {e}") from None
 
 
+# report_to name -> the module accelerate's tracker imports, and what provides it
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard==2.21.0"), "wandb": ("wandb", "wandb==0.31.0"),
+            "mlflow": ("mlflow", "mlflow-skinny==3.18.0")}
+
+
+def report_to_trackers(report_to: str | list[str]) -> list[str]:
+    """The tracker names `report_to` asks for ("none" dropped); unknown or uninstalled ones are a config error
+    (accelerate itself would skip an uninstalled tracker without a word)."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]  # "tensorboard,mlflow" too
+    for name in names:
+        if name != "none" and name not in TRACKERS:
+            raise ConfigError(f"report_to: unknown tracker '{name}'; choose none, {', '.join(TRACKERS)} "
+                              "or a list of them")
+    names = list(dict.fromkeys(n for n in names if n != "none"))
+    for name in names:
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"report_to: {name} needs the '{module}' module: pip install {package}")
+    return names
+
+
 def make_accelerator(cfg: TrainConfig):
     """Accelerator whose precision, clipping and ZeRO stage all come from one ds_configs/ file."""
     from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.utils import ProjectConfiguration
 
     # DeepSpeed 0.19 calls these deprecated collectives every step; one warning per call floods the log
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*|.*reduce_scatter_tensor.*")
@@ -123,13 +153,72 @@ def make_accelerator(cfg: TrainConfig):
     # without a GPU accelerate misreads the world size under DeepSpeed unless the gloo backend is named
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    # trackers are named here and started by train() (start_trackers); TensorBoard writes under logging_dir
+    out = cfg.output_dir or "."
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
-                              kwargs_handlers=handlers)
+                              kwargs_handlers=handlers, log_with=report_to_trackers(cfg.report_to) or None,
+                              project_config=ProjectConfiguration(project_dir=out,
+                                                                  logging_dir=os.path.join(out, "tensorboard")))
     if use_deepspeed:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     accelerator.ds_file, accelerator.clip = ds_file, float(ds.get("gradient_clipping", 0.0))
     accelerator.param_dtype = torch.bfloat16 if use_deepspeed and precision == "bf16" else torch.float32
     return accelerator
+
+
+def _wandb_has_credentials() -> bool:
+    """An API key in the environment or a `wandb login` entry in ~/.netrc (read for its presence only)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def tracker_config(run_config: dict) -> dict:
+    """The run's config as trackers' hyperparameters: scalars only (TensorBoard's hparams refuse lists, dicts and
+    None), so anything else becomes its JSON text."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
+            for k, v in run_config.items()}
+
+
+def start_trackers(cfg: TrainConfig, accelerator, run_config: dict) -> None:
+    """Start the report_to trackers on the main process, offline by default, files under output_dir.
+
+    MLflow: a file store in output_dir/mlruns unless MLFLOW_TRACKING_URI names a server or database (MLflow 3
+    refuses file stores without MLFLOW_ALLOW_FILE_STORE, which is set for this one); MLFLOW_EXPERIMENT_NAME
+    overrides the experiment "semivlm". W&B: under output_dir/wandb unless WANDB_DIR is set; WANDB_MODE is
+    honoured, and when it is unset and there is no API key or login the run is written offline (`wandb sync`
+    uploads it later) instead of prompting for a key. The project is WANDB_PROJECT or "semivlm"; the run is named
+    after output_dir. API keys stay in the environment: nothing here writes or prints them."""
+    names = [str(t) for t in accelerator.log_with]
+    if not names or accelerator.trackers or not accelerator.is_main_process:
+        return  # none asked, or already started by an earlier train() on this Accelerator
+    out = Path(cfg.output_dir).resolve()
+    init_kwargs: dict = {}
+    where = {"tensorboard": str(out / "tensorboard")}
+    if "mlflow" in names:
+        import mlflow
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((out / "mlruns").as_uri())
+        where["mlflow"] = mlflow.get_tracking_uri()
+        init_kwargs["mlflow"] = {"run_name": out.name}
+    if "wandb" in names:
+        wandb_kwargs = {"name": out.name}
+        if not os.environ.get("WANDB_DIR"):
+            wandb_kwargs["dir"] = str(out)
+        mode = os.environ.get("WANDB_MODE")
+        if not mode and not _wandb_has_credentials():
+            wandb_kwargs["mode"] = mode = "offline"
+        where["wandb"] = f"{os.environ.get('WANDB_DIR') or out}/wandb ({mode or 'online'})"
+        init_kwargs["wandb"] = wandb_kwargs
+    accelerator.init_trackers(os.environ.get("WANDB_PROJECT") or "semivlm", config=tracker_config(run_config),
+                              init_kwargs=init_kwargs)
+    accelerator.print("tracking: " + " | ".join(f"{n} -> {where[n]}" for n in names))
 
 
 def fill_ds_bucket_sizes(accelerator, model) -> None:
@@ -328,14 +417,16 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
           loss_fn: Callable = causal_lm_loss, param_groups: list[dict] | None = None, lora_config=None,
           seq_len: int | None = None, permutation: Callable[[int], np.ndarray] | None = None,
           on_start: Callable | None = None, base_for_merge: str | None = None,
-          artifacts: Callable[[], dict[str, str]] | None = None, train_flops_per_token: float | None = None) -> dict:
+          artifacts: Callable[[], tuple[dict[str, str], dict[str, float]]] | None = None,
+          train_flops_per_token: float | None = None) -> dict:
     """Train `model` for cfg.max_steps optimizer steps; returns {"history": [...], "final_dir": path | None}.
 
     `permutation(epoch)` orders the samples (default: random per epoch); `on_start(model, accelerator)` runs on
     every rank after prepare() and resume, before the first step (e.g. DPO reference log-probs); `artifacts()`,
-    called on every rank at each save, returns {file name: text} written into the checkpoint and the export
-    (e.g. routing statistics). `train_flops_per_token` replaces the decoder formula of model.flops_per_token for
-    models it does not describe (e.g. a two-tower CLIP, whose image and text tokens pass different towers)."""
+    called on every rank at each save, returns ({file name: text} written into the checkpoint and the export,
+    {name: scalar} recorded at that step like the log line's), e.g. routing statistics and shares.
+    `train_flops_per_token` replaces the decoder formula of model.flops_per_token for models it does not describe
+    (e.g. a two-tower CLIP, whose image and text tokens pass different towers)."""
     out = Path(cfg.output_dir)
     main = accelerator.is_main_process
     log = accelerator.print
@@ -397,17 +488,20 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         f"{world * cfg.micro_batch_size * cfg.grad_accum} sequences/step | precision {accelerator.mixed_precision} | "
         f"ds_config {accelerator.ds_file} | activation checkpointing {'on' if checkpointing else 'off'} | "
         f"peak {tflops:.3g} TFLOP/s ({tflops_source})")
-    writer = None
-    if cfg.tensorboard and main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
+    start_trackers(cfg, accelerator, run_config)
 
     def record(step: int, metrics: dict):
+        """Every scalar the run reports goes here: into the history and to each tracker (main process only)."""
         history.append({"step": step, **metrics})
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, step)
+        accelerator.log(metrics, step=step)
+
+    def artifact_files(step: int) -> dict[str, str] | None:
+        if artifacts is None:
+            return None
+        files, scalars = artifacts()
+        if scalars:
+            record(step, scalars)
+        return files
 
     if on_start is not None:
         on_start(model, accelerator)
@@ -472,8 +566,9 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
             log(eval_line(step, em))
         stop_now = bool(counts[2] > 0) or (cfg.exit_after_steps and step - start_step >= cfg.exit_after_steps)
         if (cfg.save_every and step % cfg.save_every == 0) or (stop_now and step < cfg.max_steps):
+            files = artifact_files(step)  # before the state is written: its history includes the scalars
             path = ckpt.save_checkpoint(accelerator, out, step, {"step": step, "history": history}, run_config,
-                                        cfg.keep_checkpoints, artifacts() if artifacts else None)
+                                        cfg.keep_checkpoints, files)
             log(f"saved checkpoint {path}")
         if stop_now and step < cfg.max_steps:
             log(f"stop requested: checkpointed at step {step}; rerun the same command to resume")
@@ -483,10 +578,8 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     final = None
     if not stopped_early:
         final = ckpt.export_final(accelerator, model, tokenizer, out, run_config, lora_config, base_for_merge,
-                                  artifacts() if artifacts else None)
+                                  artifact_files(step))
         if main:
             (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         log(f"exported {final}")
-    if writer is not None:
-        writer.close()
     return {"history": history, "final_dir": str(final) if final else None, "stopped_early": stopped_early}

@@ -377,3 +377,15 @@ class RouterProbe:
         aux = [e["aux_loss_mean"] for e in layers]
         return {"num_experts": self.num_experts, "top_k": self.top_k, "layers": layers,
                 "aux_loss_mean": sum(aux) / len(aux) if aux else None}
+
+
+def routing_scalars(summary: dict) -> dict[str, float]:
+    """A RouterProbe summary as flat tracker scalars: `routing/layer{L}/{image|text}/expert{e}` shares (what the log
+    line prints; a modality without tokens is left out) and `routing/layer{L}/aux_loss`."""
+    out = {}
+    for layer in summary["layers"]:
+        prefix = f"routing/layer{layer['layer']}"
+        for modality in ("image", "text"):
+            out.update({f"{prefix}/{modality}/expert{e}": share for e, share in enumerate(layer[modality] or [])})
+        out[f"{prefix}/aux_loss"] = layer["aux_loss_mean"]
+    return out

@@ -26,7 +26,7 @@ ALLOWED_RECIPE_KEYS = {
     "output_dir", "init_from", "model_config", "tokenizer", "train_data", "eval_data", "max_steps", "learning_rate",
     "min_lr_ratio", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "micro_batch_size", "grad_accum",
     "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "seed", "ds_config",
-    "gradient_checkpointing", "attn_implementation", "tensorboard", "exit_after_steps", "peak_tflops", "lora_r",
+    "gradient_checkpointing", "attn_implementation", "report_to", "exit_after_steps", "peak_tflops", "lora_r",
     "lora_alpha", "lora_dropout", "lora_target_modules",
 }
 

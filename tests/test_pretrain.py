@@ -180,8 +180,9 @@ def test_gradient_is_a_token_mean_whatever_the_accumulation_split(tiny_blocks, t
 
 def test_lora_run_exports_a_merged_model_that_plain_transformers_loads_and_logs_tensorboard(pretrain_args, tmp_path, tiny_blocks):
     result = run_in_process(pretrain_args(tmp_path / "lora", lora_r=4, lora_alpha=8, learning_rate=1e-2,
-                                          eval_batches=8, tensorboard=True))
-    assert list((tmp_path / "lora/tensorboard").glob("events.out.tfevents.*"))
+                                          eval_batches=8, report_to="tensorboard"))
+    # accelerate's TensorBoard tracker writes under output_dir/tensorboard/<project>/ (contents: test_trackers.py)
+    assert list((tmp_path / "lora/tensorboard").glob("semivlm/events.out.tfevents.*"))
     final = tmp_path / "lora/final"
     assert not (final / "adapter_config.json").exists() and (final / "model.safetensors").is_file()
     history = result["history"]

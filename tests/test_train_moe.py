@@ -124,6 +124,11 @@ def test_moe_stage_trains_experts_and_routers_only_and_saves_routing(three_stage
     for layer in routing["layers"]:
         assert sum(layer["all"]) == pytest.approx(1.0, abs=1e-4) and sum(layer["image"]) == pytest.approx(1.0, abs=1e-4)
         assert layer["tokens"]["image"] > 0 and layer["tokens"]["text"] > 0
+    # the same shares are recorded at the export step, the path that sends them to the report_to trackers
+    recorded = {k: v for h in three_stages["moe"][0]["history"] if h["step"] == 4 for k, v in h.items()
+                if k.startswith("routing/")}
+    assert recorded["routing/layer1/image/expert3"] == routing["layers"][1]["image"][3]
+    assert len(recorded) == 2 * (2 * 4 + 1)  # 2 layers × (image, text × 4 experts + aux loss)
     steps = [h for h in three_stages["moe"][0]["history"] if "aux_loss" in h]
     assert steps and all(math.isfinite(h["aux_loss"]) and h["aux_loss"] >= 1.0 for h in steps)  # k·Σf·P ≥ 1
 
