@@ -347,3 +347,69 @@ def test_length_grouped_permutation_is_a_deterministic_permutation_with_similar_
     # long and short micro-batches are interleaved, not sorted: group maxima are not monotonic
     maxima = lens[perm[:1000]].reshape(-1, 8).max(1)
     assert np.any(np.diff(maxima) > 0) and np.any(np.diff(maxima) < 0)
+
+
+def fake_flash_attn(calls: list):
+    """flash_attn 2's flash_attn_func / flash_attn_varlen_func signatures, computed with SDPA on CPU ([tokens, heads,
+    dim] layout, GQA by repeating KV heads, causal within each cu_seqlens segment); every call is recorded."""
+    def attend(q, k, v, scale, causal):  # [T, H, D] each
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                               is_causal=causal, scale=scale)
+        return out.transpose(0, 1)
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                        alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        calls.append({"fn": "flash_attn_func", "rows": q.shape[0]})
+        return torch.stack([attend(q[b], k[b], v[b], softmax_scale, causal) for b in range(q.shape[0])])
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                               deterministic=False, return_attn_probs=False, block_table=None):
+        cu = cu_seqlens_q.tolist()
+        calls.append({"fn": "flash_attn_varlen_func", "cu_seqlens": cu, "max_seqlen": max_seqlen_q})
+        assert cu_seqlens_k.tolist() == cu and cu[-1] == q.shape[0] and max_seqlen_q == max(b - a for a, b in zip(cu, cu[1:]))
+        return torch.cat([attend(q[a:b], k[a:b], v[a:b], softmax_scale, causal) for a, b in zip(cu, cu[1:])])
+
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def test_packed_rows_under_flash_attention_reach_the_kernel_as_one_sequence_per_record(monkeypatch):
+    """transformers 5.17 runs flash varlen from position_ids only for a single row (_is_packed_sequence:
+    `batch_size == 1`): a packed micro-batch of several rows must carry its record boundaries itself."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import modeling_flash_attention_utils as fa
+
+    calls = []
+    flash_fn, varlen_fn = fake_flash_attn(calls)
+    monkeypatch.setattr(fa, "lazy_import_flash_attention", lambda *a, **k: (
+        (flash_fn, varlen_fn, None, None, None), fa._lazy_define_process_function(varlen_fn)))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         attn_implementation="sdpa")).eval()
+    examples = []
+    for k, n in enumerate([40, 35, 30, 25, 20, 5]):
+        ids = [(7 * k + 13 * j) % 196 + 4 for j in range(n)]
+        examples.append({"id": f"r{k}", "input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+    rows = pack_examples(examples, 80)
+    assert len(rows) == 2
+    n_sup = sum(sum(l != -100 for l in e["labels"][1:]) for e in examples)
+    with torch.no_grad():
+        alone = sum(float(token_losses(model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits,
+                                       torch.tensor([e["labels"]])).sum()) for e in examples) / n_sup
+        model.config._attn_implementation = "flash_attention_2"  # the fake kernels above
+        batch = collate_chat(rows, pad_id=0, varlen=True)
+        loss = float(model(**{k: v for k, v in batch.items() if not k.startswith("_")}, use_cache=False).loss)
+        varlen_calls, calls[:] = list(calls), []
+        plain = collate_chat(rows, pad_id=0)  # what SDPA gets: position_ids only
+        mixed = float(model(**{k: v for k, v in plain.items() if not k.startswith("_")}, use_cache=False).loss)
+    # every layer's kernel saw the six records (and the second row's 5-token padding tail), not two long rows
+    width = batch["input_ids"].shape[1]
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    assert len(varlen_calls) == 2 and all(c["fn"] == "flash_attn_varlen_func" for c in varlen_calls)
+    cu = varlen_calls[0]["cu_seqlens"]
+    assert len(cu) - 1 == len(examples) + (lengths[0] < width) and cu[-1] == 2 * width
+    assert loss == pytest.approx(alone, abs=1e-5)
+    # the fault this guards against: without the boundaries flash runs each row as one causal sequence
+    assert all(c["fn"] == "flash_attn_func" for c in calls) and mixed != pytest.approx(alone, abs=1e-4)
