@@ -37,7 +37,8 @@ import json, os, sys, time
 from pathlib import Path
 argv = sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({{"cmd": "accelerate", "argv": argv, "SLURM_NODEID": os.environ.get("SLURM_NODEID")}}) + "\\n")
+    f.write(json.dumps({{"cmd": "accelerate", "argv": argv, "SLURM_NODEID": os.environ.get("SLURM_NODEID"), "exe": sys.argv[0],
+                         "nccl": {{k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL_"))}}}}) + "\\n")
 # where the real script would write: --output_dir X, --output_dir=X, else the config's value (FAKE_OUT)
 out = Path(os.environ.get("FAKE_OUT", ""))
 for i, a in enumerate(argv):

@@ -241,6 +241,61 @@ def test_sbatch_launches_one_accelerate_per_node(fake_slurm):
     assert str(fake_slurm.out) in proc.stdout  # the output dir is printed
 
 
+@pytest.mark.parametrize("script", ["train.sbatch", "srun_accelerate.sh"])
+@pytest.mark.parametrize("job_id", [12768, 39999, 59998, 4242, 1])
+def test_rendezvous_port_stays_below_the_ephemeral_range(fake_slurm, script, job_id):
+    # 20000 + id % 20000 gave 32768..39999 for a third of the ids: Linux hands those out to outgoing connections
+    env = {**fake_slurm.env("finish"), "SLURM_JOB_ID": str(job_id)}
+    cmd = fake_slurm.cmd() if script == "train.sbatch" else [
+        "bash", str(ROOT / "launch/slurm/srun_accelerate.sh"), str(fake_slurm.script), "--output_dir", str(fake_slurm.out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ports = {int(opt(c["argv"], "--main_process_port")) for c in fake_slurm.calls("accelerate")}
+    assert len(ports) == 1
+    port = ports.pop()
+    assert 1024 <= port < 32768, port
+    assert port == 15000 + job_id % 15000
+
+
+def test_nccl_diagnostics_reach_every_rank(fake_slurm):
+    env = {**fake_slurm.env("finish"), "NCCL_IB_HCA": "mlx5_0"}  # a site's own setting travels unchanged
+    env.pop("NCCL_DEBUG", None)
+    proc = subprocess.run(fake_slurm.cmd(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    launches = fake_slurm.calls("accelerate")
+    assert len(launches) == 2
+    for call in launches:
+        nccl = call["nccl"]
+        assert nccl["NCCL_DEBUG"] == "WARN" and nccl["NCCL_IB_HCA"] == "mlx5_0", nccl
+        assert nccl["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and nccl["NCCL_ASYNC_ERROR_HANDLING"] == "1", nccl
+    assert "NCCL_DEBUG=WARN" in proc.stdout  # and the job log says what was set
+    env["NCCL_DEBUG"] = "INFO"  # the user's choice wins
+    subprocess.run(fake_slurm.cmd(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert fake_slurm.calls("accelerate")[-1]["nccl"]["NCCL_DEBUG"] == "INFO"
+
+
+def test_sbatch_uses_the_project_venv_when_accelerate_is_not_on_path(fake_slurm, tmp_path):
+    project = tmp_path / "project"
+    (project / ".venv/bin").mkdir(parents=True)
+    fake_slurm_bin.write_exe(project / ".venv/bin/accelerate", fake_slurm_bin.FAKE_ACCELERATE)
+    bin_dir = tmp_path / "bin_no_accelerate"
+    bin_dir.mkdir()
+    fake_slurm_bin.install(bin_dir)
+    (bin_dir / "accelerate").unlink()
+    env = {**fake_slurm.env("finish"), "PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin",
+           "SLURM_SUBMIT_DIR": str(project)}
+    cmd = fake_slurm.cmd()
+    cmd[3] = str(RECIPE)  # the config by absolute path: the job runs in the project directory
+    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    launches = fake_slurm.calls("accelerate")
+    assert len(launches) == 2 and {c["exe"] for c in launches} == {str(project / ".venv/bin/accelerate")}
+    (project / ".venv/bin/accelerate").unlink()  # neither on PATH nor in .venv: a one-line error, no srun
+    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no 'accelerate' on PATH and no .venv/bin/accelerate" in proc.stderr
+    assert len(fake_slurm.calls("srun")) == 1
+
+
 def test_sbatch_requeues_a_stopped_run(fake_slurm):
     proc = fake_slurm.run("stop")
     assert proc.returncode == 0, proc.stdout + proc.stderr
