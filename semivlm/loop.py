@@ -273,6 +273,14 @@ def peak_tflops(cfg: TrainConfig, accelerator) -> tuple[float, str]:
     return measure_peak_tflops(accelerator.device, dtype), f"measured {dtype} matmul on {accelerator.device.type}"
 
 
+def epoch_line(records: int, global_batch: int, steps: int) -> str:
+    """How many passes over the training set the run makes: the recipe YAMLs' epoch arithmetic rests on guessed
+    record counts, so the start line says what the data really gives."""
+    per_epoch = records / global_batch
+    return (f"{records:,} training sequences / {global_batch} per step = {per_epoch:,.1f} steps per epoch → "
+            f"{steps} steps = {steps / per_epoch:.2f} epochs")
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -483,9 +491,10 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
 
     tflops, tflops_source = peak_tflops(cfg, accelerator)
     world = accelerator.num_processes
+    global_batch = world * cfg.micro_batch_size * cfg.grad_accum
     log(f"training {trainable_params:,} of {total_params:,} parameters for {cfg.max_steps} steps | "
-        f"{world} ranks × {cfg.micro_batch_size} micro × {cfg.grad_accum} accum = "
-        f"{world * cfg.micro_batch_size * cfg.grad_accum} sequences/step | precision {accelerator.mixed_precision} | "
+        f"{world} ranks × {cfg.micro_batch_size} micro × {cfg.grad_accum} accum = {global_batch} sequences/step | "
+        f"{epoch_line(len(train_dataset), global_batch, cfg.max_steps)} | precision {accelerator.mixed_precision} | "
         f"ds_config {accelerator.ds_file} | activation checkpointing {'on' if checkpointing else 'off'} | "
         f"peak {tflops:.3g} TFLOP/s ({tflops_source})")
     start_trackers(cfg, accelerator, run_config)

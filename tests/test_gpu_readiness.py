@@ -124,3 +124,43 @@ def test_deepspeed_zero2_and_zero3_take_the_fp32_accumulation_from_the_configs(t
         assert row["model"] == "torch.bfloat16" and row["accum"] == "torch.float32", row
         if row["file"] != "zero2.json":
             assert row["buffer"] == "torch.float32", row
+
+
+# ---------------------------------------------------------------- the real epoch count at the start of training
+
+def test_training_start_line_states_the_real_epoch_count(pretrain_args, tiny_blocks, tmp_path, capsys):
+    # the recipe YAMLs' epoch arithmetic rests on guessed record counts; the log must say what the data gives
+    from datasets import load_from_disk
+    from test_pretrain import run_in_process
+
+    records = len(load_from_disk(str(tiny_blocks / "train")))
+    run_in_process(pretrain_args(tmp_path / "run", max_steps=3, micro_batch_size=4, grad_accum=2))
+    start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("training "))
+    per_epoch = records / 8
+    assert f"{records:,} training sequences / 8 per step = {per_epoch:,.1f} steps per epoch" in start, start
+    assert f"3 steps = {3 / per_epoch:.2f} epochs" in start, start
+
+
+def test_moe_recipe_comment_states_the_active_parameters_of_its_model():
+    # Qwen3-1.7B's published config, upcycled as moe.yaml says (experts, top-k, every other layer), on the meta device
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+
+    text = (ROOT / "launch/configs/micrograph_vlm/moe.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    qwen3_1p7b = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                      num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(Qwen3Config(**qwen3_1p7b))
+        moe = AutoModelForCausalLM.from_config(Qwen3MoeConfig(
+            **qwen3_1p7b, moe_intermediate_size=6144, num_experts=cfg["num_experts"],
+            num_experts_per_tok=cfg["top_k"], decoder_sparse_step=cfg["moe_every"], mlp_only_layers=[]))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    sparse = sum(hasattr(layer.mlp, "experts") for layer in moe.model.layers)
+    ffn = 3 * 2048 * 6144
+    active = count(dense) + sparse * (cfg["top_k"] - 1) * ffn
+    assert sparse == 14 and count(moe) == count(dense) + sparse * (cfg["num_experts"] - 1) * ffn + sparse * 2048 * 4
+    stated = float(re.search(r"~([\d.]+)B active", text).group(1))
+    assert stated == pytest.approx(active / 1e9, abs=0.01), (stated, active)
