@@ -58,7 +58,7 @@ class TrainConfig:
     seed: int = 0
     # read for precision and clipping when not launched under DeepSpeed; under DeepSpeed the launcher's file rules
     ds_config: str = "ds_configs/zero3.json"
-    # auto = on when one micro-batch's activations would fill a third of the GPU (model.wants_gradient_checkpointing)
+    # auto = on when one micro-batch's activations would fill 60 % of the GPU (model.wants_gradient_checkpointing)
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     attn_implementation: str = "auto"  # auto = flash_attention_2 when installed on a GPU, else sdpa
     liger: Literal["auto", "on", "off"] = "auto"  # Liger kernels: auto = when installed on a GPU

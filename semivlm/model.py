@@ -139,18 +139,61 @@ def resolve_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
+def activation_bytes(model, micro_batch_size: int, seq_len: int) -> int:
+    """What one micro-batch's forward leaves for the backward, estimated per token at the model's dtype size `e`:
+
+    - each decoder layer: attention e·(2h + 2·q + 2·kv) (norm input, q/k/v projection input, q, k, v, attention
+      output; SDPA/flash keep no seq² scores), then its FFN: a dense SwiGLU e·(2h + 4·I) (norm input and output,
+      gate, silu(gate), up, their product), an MoE block e·(2h + E) for norm and router plus top_k experts each
+      e·(h + 4·I_expert);
+    - the head: logits e·V, their float32 copy and log-softmax 8·V (transformers' loss upcasts), unless Liger's fused
+      linear cross-entropy is on this model (then no logits exist);
+    - a vision tower with trainable parameters, one image per sample: e·(8·h_v + 2·I_v) per patch and layer.
+
+    It is an estimate of the largest tensors, not a bound: small ones (norm statistics, router weights, masks) are
+    left out, and a Liger RMSNorm/SwiGLU keeps less. tests/test_pretrain.py compares it with the tensors autograd
+    actually saves on a tiny model, and with the H100 anchor (Qwen2.5-0.5B shape, 8 × 2048 tokens: 44.6 GB, of a
+    measured 51.8 GiB peak with ~7 GB of weights, gradients and Adam states; Liger removes 25 GB of logits)."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    e = next(model.parameters()).element_size()
+    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+    dense_ffn = 2 * h + 4 * cfg.intermediate_size
+    n_experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
+    sparse = set()
+    if n_experts:
+        from semivlm.moe import moe_layer_indices
+
+        sparse = set(moe_layer_indices(cfg))
+        expert_width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+        moe_ffn = 2 * h + n_experts + cfg.num_experts_per_tok * (h + 4 * expert_width)
+    per_token = sum(2 * h + 2 * q + 2 * kv + (moe_ffn if i in sparse else dense_ffn) for i in range(layers)) * e
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fused_ce = getattr(vars(base).get("forward"), "__module__", "").startswith("liger_kernel")
+    per_token += 2 * h * e + (0 if fused_ce else (e + 8) * vocab)
+    total = per_token * micro_batch_size * seq_len
+    vision = getattr(model.config, "vision_config", None)
+    tower = next((m for n, m in base.named_modules() if n.endswith("vision_tower")), None)
+    if vision is not None and tower is not None and any(p.requires_grad for p in tower.parameters()):
+        patches = (vision.image_size // vision.patch_size) ** 2 + 1
+        total += micro_batch_size * patches * vision.num_hidden_layers * \
+            (8 * vision.hidden_size + 2 * vision.intermediate_size) * e
+    return int(total)
+
+
 def wants_gradient_checkpointing(setting, model, micro_batch_size: int, seq_len: int, device) -> bool:
-    """`auto`: on when one micro-batch's activations would take more than a third of the GPU's memory, estimated as
-    34 bytes per token, layer and hidden unit (bf16, attention scores not materialised; Korthikanti et al. 2022):
-    off for a 0.5B decoder at 8 × 2048 tokens on an 80 GB GPU (12 GB), on for an 8B one at 4 × 2048 (36 GB).
-    Off on CPU, where the debug shapes never come near the memory."""
+    """`auto`: on when one micro-batch's activations (`activation_bytes`) would take more than 60 % of the GPU's
+    memory, the rest being left to weights, gradients, optimizer states (sharded under ZeRO) and the allocator: off
+    for a 0.5B decoder at 8 × 2048 tokens on an 80 GiB GPU (44.7 GB; measured peak 51.8 GiB), on for an 8B one at
+    4 × 2048 (54.7 GB). Checkpointing frees the decoder layers' share only; the logits stay. Off on CPU, where the debug
+    shapes never come near the memory."""
     if setting != "auto":
         return bool(setting)
     if device.type != "cuda":
         return False
-    text = getattr(model.config, "text_config", None) or model.config
-    activations = 34 * micro_batch_size * seq_len * text.num_hidden_layers * text.hidden_size
-    return activations > torch.cuda.get_device_properties(device).total_memory / 3
+    return activation_bytes(model, micro_batch_size, seq_len) > 0.6 * torch.cuda.get_device_properties(device).total_memory
 
 
 def compile_blocks(model) -> int:

@@ -310,21 +310,82 @@ def test_compiled_checkpointed_blocks_train_to_the_same_losses_and_export_the_sa
     assert weights[0].keys() == weights[1].keys()  # no _orig_mod. in the export
 
 
-def test_gradient_checkpointing_auto_turns_on_when_activations_would_fill_a_third_of_the_gpu(monkeypatch):
+def saved_activation_bytes(model, batch: int, seq: int) -> int:
+    """Bytes of the tensors autograd keeps for the backward of one training forward (parameters excluded)."""
+    storages: dict[int, int] = {}
+
+    def keep(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("moe_every", [0, 1, 2])
+def test_activation_estimate_covers_what_autograd_saves_logits_and_experts_included(moe_every):
+    """The estimate behind gradient_checkpointing auto, against a measurement on a tiny Qwen3 whose vocabulary
+    outweighs its width as a real one's does (151,936 vs 896): the logits are most of the memory."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from semivlm import moe
+    from semivlm.model import activation_bytes
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=2048, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_implementation="sdpa")
+    if moe_every:
+        config = moe.moe_text_config(config, num_experts=4, top_k=2, moe_every=moe_every)
+    model = AutoModelForCausalLM.from_config(config).train()
+    measured, estimate = saved_activation_bytes(model, 2, 64), activation_bytes(model, 2, 64)
+    # the estimate counts the transient float32 logits too, and leaves out small tensors (rsqrt, q/k norms)
+    assert 1.0 < estimate / measured < 1.8, (estimate, measured)
+    assert 34 * 2 * 64 * 2 * 64 < measured / 4  # the old layers-only formula (34·b·s·L·h) saw a fifth of it
+    # by hand (fp32, e = 4 bytes; q = 64, kv = 32; per token): attention 4·(2·64 + 2·64 + 2·32) = 1280 per layer,
+    # dense FFN 4·(2·64 + 4·160) = 3072, MoE FFN 4·(2·64 + 4 + 2·(64 + 4·160)) = 6160, final norm 4·128 = 512,
+    # logits (4 + 8)·2048 = 24576
+    ffn = {0: [3072, 3072], 1: [6160, 6160], 2: [6160, 3072]}[moe_every]
+    assert estimate == 2 * 64 * (2 * 1280 + sum(ffn) + 512 + 24576)
+
+
+def test_gradient_checkpointing_auto_turns_on_when_activations_would_fill_60_percent_of_the_gpu(monkeypatch):
     from types import SimpleNamespace
 
-    from semivlm.model import wants_gradient_checkpointing
+    from transformers import (AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, Qwen2Config)
 
-    def model(layers, hidden):
-        return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden))
+    from semivlm.model import activation_bytes, wants_gradient_checkpointing
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * 2**30))
-    qwen_05b, llama_8b = model(24, 896), model(32, 4096)
-    assert wants_gradient_checkpointing("auto", qwen_05b, 8, 2048, gpu) is False  # 12 GB of activations
-    assert wants_gradient_checkpointing("auto", llama_8b, 4, 2048, gpu) is True  # 36 GB
+    with torch.device("meta"):  # real shapes, no memory
+        qwen_05b = AutoModelForCausalLM.from_config(Qwen2Config(
+            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2), dtype=torch.bfloat16)
+        llama_8b_config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+        llama_8b = AutoModelForCausalLM.from_config(llama_8b_config, dtype=torch.bfloat16)
+        vlm = LlavaForConditionalGeneration(LlavaConfig(
+            text_config=llama_8b_config, vision_config=CLIPVisionConfig(
+                hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+                patch_size=14))).to(
+            torch.bfloat16)
+    # the H100 anchor (gpu/README.md): this shape at 8 × 2048 peaked at 51.8 GiB, of which ~7 GB weights and Adam
+    assert activation_bytes(qwen_05b, 8, 2048) == pytest.approx(44.7e9, rel=0.01)
+    assert wants_gradient_checkpointing("auto", qwen_05b, 8, 2048, gpu) is False
+    assert activation_bytes(llama_8b, 4, 2048) == pytest.approx(54.7e9, rel=0.01)
+    assert wants_gradient_checkpointing("auto", llama_8b, 4, 2048, gpu) is True
     assert wants_gradient_checkpointing("auto", llama_8b, 4, 2048, torch.device("cpu")) is False
     assert wants_gradient_checkpointing(True, qwen_05b, 1, 16, gpu) is True
     assert wants_gradient_checkpointing(False, llama_8b, 64, 8192, gpu) is False
-    vlm = SimpleNamespace(config=SimpleNamespace(text_config=llama_8b.config))  # Llava: the decoder's shape counts
-    assert wants_gradient_checkpointing("auto", vlm, 4, 2048, gpu) is True
+    # a VLM: the decoder's shape counts, and the vision tower only when it trains (frozen, it saves nothing)
+    vlm.model.vision_tower.requires_grad_(False)
+    frozen = activation_bytes(vlm, 4, 2048)
+    assert frozen == activation_bytes(llama_8b, 4, 2048)
+    vlm.model.vision_tower.requires_grad_(True)
+    # 577 patches × 24 layers × 2 bytes × (8·1024 + 2·4096) per image
+    assert activation_bytes(vlm, 4, 2048) - frozen == 4 * 577 * 24 * 2 * (8 * 1024 + 2 * 4096)
