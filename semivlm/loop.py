@@ -330,14 +330,15 @@ class StepBatches:
             self._perm_cache = {epoch: self.permutation(epoch)}
         return int(self._perm_cache[epoch][i])
 
-    def __call__(self, step: int) -> list[dict]:
+    def indices(self, step: int) -> list[list[int]]:
+        """The dataset indices of this rank's micro-batches of `step` (what record_index.WorkerBatches prefetches)."""
         micro, ga = self.cfg.micro_batch_size, self.cfg.grad_accum
         base = step * micro * ga * self.world
-        batches = []
-        for m in range(ga):
-            start = base + (m * self.world + self.rank) * micro
-            batches.append(self.collate([self.dataset[self._index(p)] for p in range(start, start + micro)]))
-        return batches
+        starts = [base + (m * self.world + self.rank) * micro for m in range(ga)]
+        return [[self._index(p) for p in range(start, start + micro)] for start in starts]
+
+    def __call__(self, step: int) -> list[dict]:
+        return [self.collate([self.dataset[i] for i in idx]) for idx in self.indices(step)]
 
 
 # ---------------------------------------------------------------- loss
@@ -426,7 +427,7 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
           seq_len: int | None = None, permutation: Callable[[int], np.ndarray] | None = None,
           on_start: Callable | None = None, base_for_merge: str | None = None,
           artifacts: Callable[[], tuple[dict[str, str], dict[str, float]]] | None = None,
-          train_flops_per_token: float | None = None) -> dict:
+          train_flops_per_token: float | None = None, batch_loader: Callable | None = None) -> dict:
     """Train `model` for cfg.max_steps optimizer steps; returns {"history": [...], "final_dir": path | None}.
 
     `permutation(epoch)` orders the samples (default: random per epoch); `on_start(model, accelerator)` runs on
@@ -434,7 +435,8 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     called on every rank at each save, returns ({file name: text} written into the checkpoint and the export,
     {name: scalar} recorded at that step like the log line's), e.g. routing statistics and shares.
     `train_flops_per_token` replaces the decoder formula of model.flops_per_token for models it does not describe
-    (e.g. a two-tower CLIP, whose image and text tokens pass different towers)."""
+    (e.g. a two-tower CLIP, whose image and text tokens pass different towers). `batch_loader(StepBatches)` may
+    wrap the micro-batch source, e.g. record_index.batch_loader's DataLoader workers (same indices, same order)."""
     out = Path(cfg.output_dir)
     main = accelerator.is_main_process
     log = accelerator.print
@@ -520,11 +522,14 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         log(eval_line(0, metrics))
 
     batches_for = StepBatches(train_dataset, collate, cfg, world, accelerator.process_index, permutation)
+    if batch_loader is not None:
+        batches_for = batch_loader(batches_for)
     model.train()
     step, stopped_early, t_start = start_step, False, time.perf_counter()
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         window = batches_for(step)
+        data_wait = time.perf_counter() - t0  # waiting for this step's micro-batches (decoded, collated)
         counts = torch.tensor([sum(supervised_tokens(b) for b in window), sum(input_tokens(b) for b in window),
                                float(stop.requested())], dtype=torch.float64, device=accelerator.device)
         counts = accelerator.reduce(counts, reduction="sum")
@@ -558,7 +563,7 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         dt = time.perf_counter() - t0
         tok_s = float(counts[1]) / dt
         mfu = fpt * tok_s / (tflops * 1e12 * world)
-        metrics = {"loss": step_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
+        metrics = {"loss": step_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu, "data_wait": data_wait / dt,
                    "peak_mem_gib": peak_memory_gib(accelerator.device), **extras_mean}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -568,7 +573,8 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
             elapsed = time.perf_counter() - t_start
             eta = elapsed / (step - start_step) * (cfg.max_steps - step)
             log(f"step {step}/{cfg.max_steps} | loss {step_loss:.4f}{extra} | lr {lr:.1e} | {tok_s:,.0f} tok/s | "
-                f"MFU {100 * mfu:.1f}% | {metrics['peak_mem_gib']:.1f} GiB | ETA {eta:.0f}s")
+                f"MFU {100 * mfu:.1f}% | data wait {100 * data_wait / dt:.1f}% | {metrics['peak_mem_gib']:.1f} GiB | "
+                f"ETA {eta:.0f}s")
         if eval_dataset is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             em = evaluate(model, accelerator, eval_dataset, collate, cfg, loss_fn)
             record(step, em)
