@@ -2,11 +2,15 @@
 
 CPU / single-GPU debug (a tiny random two-tower CLIP; the debug recipe's stand-in for a pretrained encoder):
     python train_vision.py --config launch/configs/debug/vision.yaml
-One node, 8 GPUs, DeepSpeed ZeRO-3 (domain adaptation of a pretrained CLIP ViT-L/14-336):
+One node, 8 GPUs, DeepSpeed ZeRO-3: domain adaptation of a pretrained CLIP ViT-L/14-336 on your captions, an option
+the micrograph_vlm recipe leaves out (it keeps the web-pretrained tower frozen, as MoE-LLaVA does):
     accelerate launch --config_file launch/accelerate/node_8gpu_zero3.yaml train_vision.py \
-        --config launch/configs/micrograph_vlm/vision.yaml
-SLURM, several nodes (checkpoints and requeues itself before the time limit, resumes on restart):
-    sbatch --nodes=2 launch/slurm/train.sbatch train_vision.py launch/configs/micrograph_vlm/vision.yaml
+        --init_from openai/clip-vit-large-patch14-336 --output_dir runs/micrograph_vlm/vision \
+        --train_data "[runs/micrograph_vlm/annotations/captions.jsonl]" --ds_config ds_configs/zero3.json \
+        --micro_batch_size 32 --max_steps 1000 --learning_rate 1e-5
+then `train_moe.py --stage projector --vision_tower runs/micrograph_vlm/vision/final`. On SLURM (checkpoints and
+requeues itself before the time limit) the same fields go in a YAML: `sbatch --nodes=2 launch/slurm/train.sbatch
+train_vision.py YOUR_VISION.yaml`.
 
 A LLaVA projector can only pass on what the vision tower sees. Real recipes start from a web-pretrained CLIP or SigLIP
 (optionally adapted here to micrographs, as domain CLIP models are); the tiny CPU recipe has no pretrained tower, so

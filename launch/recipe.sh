@@ -11,7 +11,7 @@
 # A stage runs when CONFIG_DIR has its YAML (corpus.yaml, micrographs.yaml or ingest.yaml, annotate.yaml [optional,
 # default teacher: metadata], instructions.yaml [optional], pretrain.yaml, sft.yaml, dpo.yaml, vision.yaml,
 # projector.yaml, llm.yaml, moe.yaml, evaluate.yaml, gptq.yaml); each reads the previous stage's output in RUN_DIR,
-# whatever paths its YAML names. A stage is complete when RUN_DIR/<stage>/.recipe_done holds the fingerprint of its
+# whatever paths its YAML names. A stage is complete when RUN_DIR/.recipe/<stage>.done holds the fingerprint of its
 # command, its YAML and the completion record of the stage before it. So a rerun skips complete stages; a stage
 # whose output lacks the record (killed midway) reruns its same command, and training resumes from its newest
 # checkpoint; a stage whose inputs changed (a stage before it reran, or its YAML changed) starts again from an empty

@@ -1,5 +1,5 @@
 """Records shared by the data-prep scripts and the trainers: JSONL I/O with errors that name file and line,
-the micrograph categories, and the multimodal record format of ../shared/DESIGN.md.
+the micrograph categories, and the multimodal record format every script reads and writes.
 
 Multimodal record (one JSONL line):
     {"id", "images": ["rel/path.png"],
