@@ -17,6 +17,18 @@ TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
 
 
+# fp32 machine epsilon (2^-23 ≈ 1.19e-7). Two fp32 evaluations of one sum of n terms, accumulated in different orders
+# (other GEMM blocking, thread count, padding width, kernel), are each within (n-1)·eps/2·Σ|x| of the exact sum
+# (Higham, Accuracy and Stability of Numerical Algorithms, §4.2), so within n·eps·Σ|x| of each other. Tolerances in
+# the tests are derived from this bound rather than from what one CPU happens to give.
+EPS32 = 2.0 ** -23
+
+
+def fp32_sum_tol(n_terms: int, magnitude: float) -> float:
+    """Bound on the difference of two fp32 evaluations of a sum of `n_terms` terms with Σ|x| = `magnitude`."""
+    return n_terms * EPS32 * magnitude
+
+
 def reset_accelerate() -> None:
     """Accelerate keeps process-wide singletons; each in-process training run needs them cleared."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
