@@ -121,3 +121,94 @@ def run_script(args: list[str], timeout: int, env_extra: dict | None = None) -> 
         stdout, stderr = proc.communicate()
         raise subprocess.TimeoutExpired(args, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+# ---------------------------------------------------------------- fixtures shared by several test modules
+
+# Llama-3's chat template, verbatim: no {% generation %} markers, renders its own BOS, trims content
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Llama-3's pre-tokenizer regex (its tokenizer.json)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+
+
+def corpus_text() -> list[str]:
+    return [p.read_text(encoding="utf-8")[:6000] for p in sorted((REPO / "data/corpus").glob("*.md"))[:4]]
+
+
+@pytest.fixture(scope="module")
+def llama3_tok():
+    """A Llama-3-style tokenizer built locally: its pre-tokenizer, special tokens, a BOS-adding post-processor
+    (so a double BOS would show) and its chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus_text(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                 pad_token="<|end_of_text|>", extra_special_tokens=specials[2:4])
+    hf.chat_template = LLAMA3_TEMPLATE
+    return hf
+
+
+# ---- the VLM modules (test_vlm, test_evaluate, test_export_gptq, test_train_vision): real micrograph records
+TINY_VISION = {"clip": {"model_type": "clip_vision_model", "image_size": 64, "patch_size": 8, "hidden_size": 64,
+                        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+               "siglip": {"model_type": "siglip_vision_model", "image_size": 64, "patch_size": 8, "hidden_size": 64,
+                          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """The real data pipeline on 4 tiny micrographs (64×64 and 64×88 with a data bar): synth -> annotate."""
+    from data_prep.annotate import AnnotateConfig, main as annotate
+    from data_prep.synth_micrographs import SynthConfig, main as synth
+
+    root = tmp_path_factory.mktemp("pipeline")
+    synth(SynthConfig(out=str(root / "micrographs"), n=4, size=64, seed=0))
+    annotate(AnnotateConfig(manifest=str(root / "micrographs/manifest.jsonl"), out=str(root / "annotations"),
+                            vqa_per_image=2))
+    return root
+
+
+def records(pipeline: Path, name: str = "captions") -> list[dict]:
+    from semivlm.data import read_jsonl
+
+    return list(read_jsonl(pipeline / f"annotations/{name}.jsonl"))
+
+
+def save_llm(path: Path, tok, tie: bool = False) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = {**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}, "max_position_embeddings": 1024}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(tok), tie_word_embeddings=tie,
+                                                          **spec)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm_dir(pipeline, tmp_path_factory) -> Path:
+    """What train_sft.py writes: a tiny Llama and the debug ChatML tokenizer (build_corpus's template)."""
+    from data_prep.build_corpus import train_tokenizer
+
+    texts = [m["content"][-1]["text"] for name in ("captions", "vqa", "classify") for r in records(pipeline, name)
+             for m in r["messages"]]
+    return save_llm(tmp_path_factory.mktemp("llm") / "sft", train_tokenizer(texts * 3, vocab_size=400), tie=True)

@@ -12,18 +12,7 @@ from semivlm.chat import (SkipRecord, collate_chat, encode_chat, encode_records,
                           pack_examples, packing_efficiency)
 from semivlm.data import RecordError
 
-from conftest import REPO
-
-# Llama-3's chat template, verbatim: no {% generation %} markers, renders its own BOS, trims content
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-# Llama-3's pre-tokenizer regex (its tokenizer.json)
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+")
+from conftest import corpus_text
 
 U1, A1 = "What does CMP remove?", "The copper overburden above the trench."
 U2, A2 = "And at which pressure?", "About 2 psi of down force on the wafer."
@@ -32,41 +21,12 @@ CONVERSATION = [{"role": "user", "content": U1}, {"role": "assistant", "content"
                 {"role": "assistant", "content": [{"type": "text", "text": A2}]}]
 
 
-def corpus_text() -> list[str]:
-    return [p.read_text(encoding="utf-8")[:6000] for p in sorted((REPO / "data/corpus").glob("*.md"))[:4]]
-
-
 @pytest.fixture(scope="module")
 def chatml_tok():
     """The debug tokenizer: build_corpus's byte-level BPE with its ChatML {% generation %} template."""
     from data_prep.build_corpus import train_tokenizer
 
     return train_tokenizer(corpus_text(), vocab_size=600)
-
-
-@pytest.fixture(scope="module")
-def llama3_tok():
-    """A Llama-3-style tokenizer built locally: its pre-tokenizer, special tokens, a BOS-adding post-processor
-    (so a double BOS would show) and its chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus_text(), trainers.BpeTrainer(
-        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                 pad_token="<|end_of_text|>", extra_special_tokens=specials[2:4])
-    hf.chat_template = LLAMA3_TEMPLATE
-    return hf
 
 
 def ids_of(tok, text: str) -> list[int]:

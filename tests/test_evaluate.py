@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_vlm import TINY_VISION, llm_dir, pipeline  # noqa: F401  (fixtures: real micrograph records, a tiny LLM)
+from conftest import TINY_VISION
 
 from semivlm import evaluation as ev
 from semivlm import vlm
 
 
 @pytest.fixture(scope="module")
-def vlm_dir(llm_dir, tmp_path_factory) -> Path:  # noqa: F811
+def vlm_dir(llm_dir, tmp_path_factory) -> Path:
     model, processor = vlm.build_vlm(TINY_VISION["clip"], str(llm_dir))
     path = tmp_path_factory.mktemp("vlm") / "final"
     model.save_pretrained(path)
@@ -24,11 +24,11 @@ def vlm_dir(llm_dir, tmp_path_factory) -> Path:  # noqa: F811
     return path
 
 
-def data_files(pipeline: Path) -> list[str]:  # noqa: F811
+def data_files(pipeline: Path) -> list[str]:
     return [str(pipeline / f"annotations/{n}.jsonl") for n in ("captions", "vqa", "classify")]
 
 
-def test_vlm_evaluation_writes_every_metric_report_and_confusion_plot(vlm_dir, pipeline, tmp_path):  # noqa: F811
+def test_vlm_evaluation_writes_every_metric_report_and_confusion_plot(vlm_dir, pipeline, tmp_path):
     from evaluate import EvalConfig, main
 
     out = tmp_path / "eval"
@@ -47,7 +47,7 @@ def test_vlm_evaluation_writes_every_metric_report_and_confusion_plot(vlm_dir, p
     assert {x["task"] for x in lines} == {"caption", "vqa", "classify"}
 
 
-def test_classifier_picks_the_class_the_model_is_made_to_prefer(vlm_dir, pipeline):  # noqa: F811
+def test_classifier_picks_the_class_the_model_is_made_to_prefer(vlm_dir, pipeline):
     model, processor, is_vlm = ev.load_model(str(vlm_dir))
     rows = [r for r in ev.read_records(data_files(pipeline)) if r[0]["meta"]["task"] == "classify"][:2]
     classes = ["particles", "nanowires", "tips"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_vlm import TINY_VISION, llm_dir, pipeline  # noqa: F401  (fixtures: real micrograph records, a tiny LLM)
+from conftest import TINY_VISION
 
 from semivlm import evaluation as ev
 from semivlm import moe, vlm
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def moe_vlm_dir(llm_dir, tmp_path_factory) -> Path:  # noqa: F811
+def moe_vlm_dir(llm_dir, tmp_path_factory) -> Path:
     """What train_moe.py --stage moe writes: the tiny Llava upcycled to 4 Mixtral experts, top-2. The experts are then
     made distinct and the routers decisive (as training makes them), so that a mixed-up expert would show."""
     model, processor = vlm.build_vlm(TINY_VISION["clip"], str(llm_dir))
@@ -42,7 +42,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def test_moe_vlm_gptq_export_reloads_with_transformers_and_keeps_every_expert(moe_vlm_dir, pipeline, tmp_path):  # noqa: F811
+def test_moe_vlm_gptq_export_reloads_with_transformers_and_keeps_every_expert(moe_vlm_dir, pipeline, tmp_path):
     from export_gptq import ExportConfig, main
 
     ann = pipeline / "annotations"
@@ -104,7 +104,7 @@ def test_moe_vlm_gptq_export_reloads_with_transformers_and_keeps_every_expert(mo
     assert abs(ppl_after - ppl_before) / ppl_before < 0.05, (ppl_before, ppl_after)
 
 
-def test_text_llm_gptq_export_reloads_generates_and_keeps_perplexity_close(llm_dir, pipeline, tmp_path):  # noqa: F811
+def test_text_llm_gptq_export_reloads_generates_and_keeps_perplexity_close(llm_dir, pipeline, tmp_path):
     from export_gptq import ExportConfig, main
 
     records = [json.loads(x) for x in (pipeline / "annotations/vqa.jsonl").read_text().splitlines()]
@@ -125,7 +125,7 @@ def test_text_llm_gptq_export_reloads_generates_and_keeps_perplexity_close(llm_d
     assert isinstance(report["reloaded_answer"], str)
 
 
-def test_gptq_refuses_a_group_size_that_does_not_divide_and_a_calibration_without_records(llm_dir, tmp_path):  # noqa: F811
+def test_gptq_refuses_a_group_size_that_does_not_divide_and_a_calibration_without_records(llm_dir, tmp_path):
     from export_gptq import ExportConfig, main
 
     empty = tmp_path / "empty.jsonl"

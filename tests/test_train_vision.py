@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_vlm import llm_dir, pipeline  # noqa: F401  (fixtures: real micrograph records, a tiny LLM + tokenizer)
 
 from semivlm import vlm
 
@@ -16,7 +15,7 @@ TINY_CLIP = {"vision_config": {"image_size": 64, "patch_size": 16, "hidden_size"
 
 
 @pytest.mark.parametrize("objective,data", [("contrastive", "captions"), ("classify", "classify")])
-def test_vision_pretraining_lowers_loss_and_exports_a_tower_build_vlm_loads(objective, data, pipeline, llm_dir,  # noqa: F811
+def test_vision_pretraining_lowers_loss_and_exports_a_tower_build_vlm_loads(objective, data, pipeline, llm_dir,
                                                                              tmp_path):
     from transformers import CLIPModel
 
@@ -37,7 +36,7 @@ def test_vision_pretraining_lowers_loss_and_exports_a_tower_build_vlm_loads(obje
         assert torch.equal(tower[k], v), k
 
 
-def test_classify_objective_refuses_a_held_out_class_it_never_trained_on(pipeline, llm_dir, tmp_path):  # noqa: F811
+def test_classify_objective_refuses_a_held_out_class_it_never_trained_on(pipeline, llm_dir, tmp_path):
     import json
 
     from train_vision import VisionConfig, main

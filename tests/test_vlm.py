@@ -11,60 +11,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_LLAMA
-from test_chat import llama3_tok  # noqa: F401  (fixture: a Llama-3-style tokenizer and template, built locally)
+from conftest import TINY_VISION, records, save_llm
 
 from semivlm import vlm
 from semivlm.chat import SkipRecord
-from semivlm.data import RecordError, read_jsonl, text_record
+from semivlm.data import RecordError, text_record
 
-TINY_VISION = {"clip": {"model_type": "clip_vision_model", "image_size": 64, "patch_size": 8, "hidden_size": 64,
-                        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
-               "siglip": {"model_type": "siglip_vision_model", "image_size": 64, "patch_size": 8, "hidden_size": 64,
-                          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}}
 IMAGE_TOKENS = 64  # (64 / 8)² patches; CLIP's CLS is dropped ("default"), SigLIP has none ("full")
 
 
 def inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if not k.startswith("_")}
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    """The real data pipeline on 4 tiny micrographs (64×64 and 64×88 with a data bar): synth -> annotate."""
-    from data_prep.annotate import AnnotateConfig, main as annotate
-    from data_prep.synth_micrographs import SynthConfig, main as synth
-
-    root = tmp_path_factory.mktemp("pipeline")
-    synth(SynthConfig(out=str(root / "micrographs"), n=4, size=64, seed=0))
-    annotate(AnnotateConfig(manifest=str(root / "micrographs/manifest.jsonl"), out=str(root / "annotations"),
-                            vqa_per_image=2))
-    return root
-
-
-def records(pipeline: Path, name: str = "captions") -> list[dict]:
-    return list(read_jsonl(pipeline / f"annotations/{name}.jsonl"))
-
-
-def save_llm(path: Path, tok, tie: bool = False) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = {**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}, "max_position_embeddings": 1024}
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(tok), tie_word_embeddings=tie,
-                                                          **spec)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def llm_dir(pipeline, tmp_path_factory) -> Path:
-    """What train_sft.py writes: a tiny Llama and the debug ChatML tokenizer (build_corpus's template)."""
-    from data_prep.build_corpus import train_tokenizer
-
-    texts = [m["content"][-1]["text"] for name in ("captions", "vqa", "classify") for r in records(pipeline, name)
-             for m in r["messages"]]
-    return save_llm(tmp_path_factory.mktemp("llm") / "sft", train_tokenizer(texts * 3, vocab_size=400), tie=True)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +99,7 @@ def test_vlm_holds_the_llm_and_the_pretrained_towers_weights_exactly(built, llm_
 
 # ------------------------------------------------------------------------------------------------- encoding
 @pytest.fixture(scope="module")
-def llama3_vlm(llama3_tok, tmp_path_factory):  # noqa: F811
+def llama3_vlm(llama3_tok, tmp_path_factory):
     """A VLM whose LLM template knows only string content (Llama-3's): the processor's template converts."""
     return vlm.build_vlm(TINY_VISION["siglip"], str(save_llm(tmp_path_factory.mktemp("llm3") / "l3", llama3_tok)))
 
