@@ -51,7 +51,10 @@ def test_moe_vlm_gptq_export_reloads_with_transformers_and_keeps_every_expert(mo
                                calibration=[str(ann / "captions.jsonl"), str(ann / "vqa.jsonl")],
                                eval_data=[str(ann / "classify.jsonl")], eval_split="train"))
     assert report["size_mb_quantised"] < report["size_mb_source"]
-    assert isinstance(report["reloaded_answer"], str)
+    # the reported answer is the published export's own greedy answer to the first held-out prompt
+    reloaded, proc, is_vlm = ev.load_model(str(out))
+    first = ev.read_records([str(ann / "classify.jsonl")], "train")[:1]
+    assert report["reloaded_answer"] == ev.generate(reloaded, proc, is_vlm, first, max_new_tokens=16)[0]
     before, after = report["before"], report["after"]
     assert before["metric"] == "classification top-1" and before["n"] == after["n"] == 4
     assert abs(after["value"] - before["value"]) <= 0.25, (before, after)  # at most one of the 4 records changes
@@ -122,7 +125,11 @@ def test_text_llm_gptq_export_reloads_generates_and_keeps_perplexity_close(llm_d
     print(f"text LLM W4A16: {report['size_mb_source']:.2f} -> {report['size_mb_quantised']:.2f} MB, "
           f"perplexity {before:.3f} -> {after:.3f}")
     assert abs(after - before) / before < 0.1, (before, after)
-    assert isinstance(report["reloaded_answer"], str)
+    # the reported answer is the published export's own greedy answer to the first held-out prompt
+    reloaded, proc, is_vlm = ev.load_model(str(tmp_path / "gptq"))
+    assert not is_vlm
+    first = ev.read_records([str(text)], "train")[:1]
+    assert report["reloaded_answer"] == ev.generate(reloaded, proc, is_vlm, first, max_new_tokens=16)[0]
 
 
 def test_gptq_refuses_a_group_size_that_does_not_divide_and_a_calibration_without_records(llm_dir, tmp_path):

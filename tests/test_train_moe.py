@@ -157,11 +157,18 @@ def test_zero3_two_process_moe_stage_finishes_and_exports_a_plain_hf_moe_vlm(thr
     assert type(model) is LlavaForConditionalGeneration
     assert type(model.model.language_model).__name__ == "MixtralModel"
     processor = AutoProcessor.from_pretrained(out / "final")
-    from semivlm.vlm import generate_answer
+    from semivlm.vlm import end_of_turn_ids, generate_answer, image_fill, load_image
 
     record = next(r for r in read_jsonl(vlm_inputs / "annotations/classify.jsonl"))
     answer = generate_answer(model, processor, record, vlm_inputs / "annotations", max_new_tokens=5)
-    assert isinstance(answer, str)
+    # the answer is the decoded new tokens of plain transformers generate() on the export, its image prompt included
+    image = load_image(vlm_inputs / "annotations" / record["images"][0], record["id"], fill=image_fill(processor))
+    enc = processor(text=processor.apply_chat_template(record["messages"][:-1], tokenize=False,
+                                                      add_generation_prompt=True),
+                    images=[image], return_tensors="pt", add_special_tokens=False)
+    new = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+                         eos_token_id=end_of_turn_ids(processor.tokenizer))[0, enc["input_ids"].shape[1]:]
+    assert answer == processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
 def test_image_dpo_runs_through_the_sft_objective_against_the_llm_stage(three_stages, vlm_inputs, tmp_path):

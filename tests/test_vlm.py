@@ -71,7 +71,14 @@ def test_vlm_from_an_llm_dir_and_a_tiny_tower_saves_loads_trains_and_generates_o
     assert generated.shape[1] > enc["input_ids"].shape[1]
     answer = vlm.generate_answer(loaded, proc, rec, pipeline / "annotations", max_new_tokens=4)
     assert answer == proc.tokenizer.decode(generated[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    assert isinstance(vlm.generate_answer(loaded, proc, text_record("t", "Hi?", "Hello.", {}), None, 3), str)
+    # a text-only record generates without pixels, as the bare language model would
+    text_prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = proc.tokenizer(text_prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    new = loaded.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=proc.tokenizer.pad_token_id,
+                          eos_token_id=vlm.end_of_turn_ids(proc.tokenizer))[0, ids.shape[1]:]
+    assert vlm.generate_answer(loaded, proc, text_record("t", "Hi?", "Hello.", {}), None, 3) == \
+        proc.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
 def test_vlm_holds_the_llm_and_the_pretrained_towers_weights_exactly(built, llm_dir, tmp_path):
