@@ -17,6 +17,11 @@ meta: task, image_id, split, teacher, + question_type for VQA, label for classif
 that could not be annotated, with the reason), stats.json, config.json, cache/ (openai answers). Output is append-only:
 each finished image appends its records, the classify record last; a rerun repairs a line cut by a kill, drops records
 of an image cut midway, and skips images already done (records or failure entry; --retry_failures redoes failures).
+stats.json (replaced atomically at the end of each run, and when a fatal teacher error stops one) holds the last run's
+own figures at the top level (annotated, failed and why, validation checked/dropped per check, retries per cause,
+requests, cache hits, records/s), `totals` and `question_types` of the output files as they now are, and `all_runs`:
+the same counts summed over every run into this directory (a rerun that completes the missing images keeps the first
+run's drops and retries), with `runs` counting them.
 """
 from __future__ import annotations
 
@@ -332,11 +337,56 @@ def main(cfg: AnnotateConfig) -> dict:
     todo = [it for it in items if it["id"] not in done]
     log(f"{len(items)} images in splits {cfg.splits}; {len(items) - len(todo)} already done; annotating {len(todo)} "
         f"with the {cfg.teacher} teacher")
+    fatal = None
     try:
         asyncio.run(run(cfg, todo, out, counts, checks))
     except FatalTeacherError as e:
-        raise SystemExit(str(e)) from None
-    seconds = time.time() - t_start
+        fatal = e
+    stats = write_stats(cfg, out, items, todo, counts, checks, time.time() - t_start)
+    if fatal is not None:
+        raise SystemExit(str(fatal)) from None
+    log(f"done: {counts['annotated']} annotated, {counts['failed']} failed, {stats['records_this_run']} records "
+        f"({stats['records_per_s']}/s); totals {stats['totals']} -> {out}"
+        + ("; failures.jsonl has the reasons (--retry_failures true redoes them)" if stats["totals"]["failures"] else ""))
+    return stats
+
+
+def run_totals(stats: dict) -> dict:
+    """One run's figures in the shape of `all_runs`."""
+    return {"runs": 1, "annotated": stats["annotated"], "failed": stats["failed"],
+            "failure_reasons": stats["failure_reasons"], "records": stats["records_this_run"],
+            "validation": stats["validation"], "retries": stats["retries"],
+            "teacher_requests": stats["teacher_requests"], "cache_hits": stats["cache_hits"],
+            "seconds": stats["seconds"]}
+
+
+def add_totals(a: dict, b: dict) -> dict:
+    """Counts summed key by key, nested dicts too; `rate` is not a count (recomputed from the sums)."""
+    out = {}
+    for k in sorted(a.keys() | b.keys()):
+        if k == "rate":
+            continue
+        x, y = a.get(k), b.get(k)
+        out[k] = add_totals(x or {}, y or {}) if isinstance(x, dict) or isinstance(y, dict) else \
+            round((x or 0) + (y or 0), 2)
+    return out
+
+
+def previous_totals(path: Path) -> dict:
+    """`all_runs` of the stats.json an earlier run left (a stats.json from before `all_runs` counts as one run)."""
+    if not path.is_file():
+        return {}
+    try:
+        prev = json.loads(path.read_text(encoding="utf-8"))
+        return prev["all_runs"] if "all_runs" in prev else run_totals(prev)
+    except (ValueError, KeyError, TypeError) as e:
+        log(f"warning: {path} is not an earlier run's statistics ({type(e).__name__}: {e}); the totals over all runs "
+            "start again from this run")
+        return {}
+
+
+def write_stats(cfg: AnnotateConfig, out: Path, items: list, todo: list, counts: Counter, checks: Counter,
+                seconds: float) -> dict:
     totals = {n: sum(1 for _ in read_jsonl(out / f"{n}.jsonl")) for n in OUTPUTS}
     qtypes = Counter(r["meta"]["question_type"] for r in read_jsonl(out / "vqa.jsonl"))
     validation = {k.split(".")[0]: {"checked": checks[k], "dropped": checks[k.replace("checked", "dropped")],
@@ -353,12 +403,18 @@ def main(cfg: AnnotateConfig) -> dict:
              "teacher_requests": counts["teacher_requests"], "cache_hits": counts["cache_hits"],
              "retries": {k[6:]: v for k, v in counts.items() if k.startswith("retry.")},
              "seconds": round(seconds, 2)}
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    all_runs = add_totals(previous_totals(out / "stats.json"), run_totals(stats))
+    for v in all_runs["validation"].values():
+        v["rate"] = round(v["dropped"] / max(v["checked"], 1), 4)
+    stats["all_runs"] = all_runs
+    tmp = out / "stats.json.tmp"                        # a kill while writing leaves the previous totals intact
+    tmp.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "stats.json")
     for name, v in validation.items():
         log(f"validation {name}: dropped {v['dropped']}/{v['checked']} ({100 * v['rate']:.1f}%)")
-    log(f"done: {counts['annotated']} annotated, {counts['failed']} failed, {new_records} records "
-        f"({stats['records_per_s']}/s); totals {totals} -> {out}"
-        + ("; failures.jsonl has the reasons (--retry_failures true redoes them)" if totals["failures"] else ""))
+    if all_runs["runs"] > 1:
+        log(f"all {all_runs['runs']} runs into {out}: {all_runs['annotated']} annotated, {all_runs['failed']} failed, "
+            f"retries {all_runs['retries']}")
     return stats
 
 

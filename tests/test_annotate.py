@@ -213,6 +213,48 @@ def test_openai_teacher_survives_429_500_timeouts_malformed_and_schema_violation
     assert_key_absent(tmp_path, captured.out, captured.err)
 
 
+def test_stats_keep_totals_over_all_runs_and_the_last_runs_own_figures(tmp_path, monkeypatch):
+    """A first run limited to 4 images, then a rerun that completes the other 4: each run has a retry, a validation
+    drop and a failure of its own. all_runs is the sum of the two runs; the top level is the second run's alone."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    manifest = make_manifest(tmp_path / "data", 8, seed=5)
+    script = {"synth_000000": ["429"], "synth_000001": ["contradict"], "synth_000002": ["500"] * 9,
+              "synth_000004": ["500"], "synth_000005": ["contradict"], "synth_000006": ["400"],
+              "synth_000007": ["timeout"]}
+    out = tmp_path / "out"
+    with FakeOpenAIServer(manifest, script=script, retry_after="0", timeout_sleep_s=1.0) as server:
+        first = main(openai_cfg(manifest, out, server, limit=4))
+        second = main(openai_cfg(manifest, out, server))
+    assert_one_outcome_per_image(out, manifest_rows(manifest))
+    on_disk = json.loads((out / "stats.json").read_text())
+    assert on_disk == second and not (out / "stats.json.tmp").exists()
+    # each run's own figures: what that run did, and nothing of the other
+    assert (first["annotated"], first["failed"], second["annotated"], second["failed"]) == (3, 1, 3, 1)
+    assert second["already_done"] == 4 and first["retries"] == {"rate_limit": 1, "http_500": 3}
+    assert second["retries"] == {"http_500": 1, "timeout": 1}
+    assert [k[:8] for k in first["failure_reasons"]] == ["HTTP 500"]
+    assert [k[:8] for k in second["failure_reasons"]] == ["HTTP 400"]
+    assert first["validation"]["count"]["dropped"] == 1 and second["validation"]["count"]["dropped"] == 1
+    assert first["all_runs"]["runs"] == 1 and first["all_runs"]["annotated"] == 3
+    # the totals: the sum of the two runs, count by count
+    total = second["all_runs"]
+    assert total["runs"] == 2 and total["annotated"] == 6 and total["failed"] == 2
+    assert total["records"] == first["records_this_run"] + second["records_this_run"] == \
+        sum(second["totals"][n] for n in ("captions", "vqa", "classify"))
+    assert total["retries"] == {"http_500": 4, "rate_limit": 1, "timeout": 1}
+    assert total["failure_reasons"] == {**first["failure_reasons"], **second["failure_reasons"]}
+    assert sum(total["failure_reasons"].values()) == 2
+    assert total["teacher_requests"] == first["teacher_requests"] + second["teacher_requests"] == len(server.log)
+    for check, v in total["validation"].items():
+        runs = [r["validation"].get(check, {"checked": 0, "dropped": 0}) for r in (first, second)]
+        assert v["checked"] == sum(r["checked"] for r in runs) and v["dropped"] == sum(r["dropped"] for r in runs)
+        assert v["rate"] == round(v["dropped"] / max(v["checked"], 1), 4)
+    assert total["validation"]["count"]["dropped"] == 2
+    # a third run with nothing left to do adds a run and no counts
+    third = json.loads(json.dumps(main(openai_cfg(manifest, out, server))))
+    assert third["all_runs"] == {**total, "runs": 3, "seconds": third["all_runs"]["seconds"]}
+
+
 def test_rejected_credentials_stop_the_run_with_one_clear_line_and_no_failure_entries(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     manifest = make_manifest(tmp_path / "data", 4)

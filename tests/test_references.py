@@ -2,8 +2,10 @@
 
 Read: comments and docstrings of *.py, comments and values of *.yaml, the whole of *.sh / *.sbatch / Makefile, and the
 code (fenced and inline) of *.md. A reference is a relative path starting with one of the repository's top-level
-directories (launch/, data_prep/, tests/, ...), a path starting with ../ (read from the file's directory), or a bare
-file name ending in .py/.sh/.sbatch/.yaml. It is true when:
+directories (launch/, data_prep/, tests/, ...), a path starting with ../, or a bare file name ending in
+.py/.sh/.sbatch/.yaml. It is true when:
+- a ../ path, read from the file's directory, stays inside the repository (prose cites no file outside it; a ../ path
+  that stays inside is usually relative to a data file, e.g. a record's image, so it is not looked up);
 - the path exists (globs and `{a,b}` expanded, `<placeholder>` matching any name); a bare name exists somewhere in
   the repository or in an installed distribution (DeepSpeed's stage3.py, Liger's monkey_patch.py);
 - or it lies in `runs/<run>/`, under a stage output that `launch/recipe.sh --list` prints for a config directory: a
@@ -84,7 +86,8 @@ def prose(path: Path) -> str:
 
 
 def references(path: Path) -> set[str]:
-    return {m.group(1).rstrip(".,:;") for m in PATH.finditer(prose(path))}
+    refs = {m.group(1).rstrip(".,:;") for m in PATH.finditer(prose(path))}
+    return {r for r in refs if not re.fullmatch(r"\w+/\w", r)}  # a rate, not a path: docs/s
 
 
 def example_outputs(path: Path) -> set[str]:
@@ -147,9 +150,8 @@ def exists(ref: str) -> bool:
 def stale(path: Path) -> list[str]:
     """References in `path` that neither exist nor are written by a recipe stage."""
     def true(ref: str) -> bool:
-        if ref.startswith("../"):  # relative to the file, and inside the repository
-            target = (path.parent / ref).resolve()
-            return target.is_relative_to(REPO) and exists(target.relative_to(REPO).as_posix())
+        if ref.startswith("../"):
+            return (path.parent / ref).resolve().is_relative_to(REPO)
         return exists(ref) or produced(ref, path)
     return sorted(r for r in references(path) if not true(r))
 
@@ -176,6 +178,8 @@ def test_the_check_catches_a_missing_file_and_an_output_no_stage_of_that_recipe_
     assert references(doc) == {"data_prep/annotate.py", "runs/demo/synth/manifest.jsonl", "semivlm/nowhere.py",
                                "../shared/DESIGN.md"}
     assert stale(doc) == ["../shared/DESIGN.md", "runs/demo/synth/manifest.jsonl", "semivlm/nowhere.py"]
+    assert references(REPO / "data_prep/build_corpus.py") >= {"data_prep/build_corpus.py"} and \
+        "docs/s" not in references(REPO / "data_prep/build_corpus.py")
     doc.write_text('"""Run data_prep/convert.py --to llava --out runs/demo/llava, then read runs/demo/llava/x.json'
                    ' and runs/demo/llama/x.json."""\n')
     assert stale(doc) == ["runs/demo/llama/x.json"]  # only the command's own --out is an output
