@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/demo
 REAL_RUN ?= runs/demo-real
 
-.PHONY: setup test demo demo-real clean
+.PHONY: setup test test-fast demo demo-real clean
 setup: $(VENV)/.installed
 
 # torch first: on CPU machines the pinned CPU build comes from the local wheel store, not a CUDA download
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# the unit tests only, without the `slow` ones (whole recipe, 2-process launches, long trainings, GPTQ exports)
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # the whole recipe on the built-in corpus and synthetic micrographs (offline teachers), CPU; a rerun skips what is done
 demo: setup

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUICK = dict(shape="tiny", seq_len=128, micro_batch_size=2, steps=2, warmup=1, rounds=1)
 
 
+@pytest.mark.slow
 def test_every_stage_reports_throughput_mfu_and_memory_of_both_loops(tmp_path, capsys):
     reset_accelerate()
     out = tmp_path / "bench.json"
@@ -31,6 +32,7 @@ def test_every_stage_reports_throughput_mfu_and_memory_of_both_loops(tmp_path, c
     assert all(f"{stage:<10}ours" in table for stage in stages)
 
 
+@pytest.mark.slow
 def test_zero2_and_zero3_subprocesses_measure_the_moe_stage_in_every_round(tmp_path):
     """One DeepSpeed process per config loads the MoE VLM once per round: the second load under ZeRO-3 must work
     too (it did not while transformers' MoE modelling was first imported inside zero.Init)."""
@@ -44,6 +46,7 @@ def test_zero2_and_zero3_subprocesses_measure_the_moe_stage_in_every_round(tmp_p
     assert json.loads((tmp_path / "bench.json").read_text())["zero"] == report["zero"]
 
 
+@pytest.mark.slow
 def test_largest_micro_batch_search_finds_the_last_size_that_fits_in_gpu_memory(monkeypatch, capsys):
     """Out-of-memory stands in for the GPU: the plain loop fits 5 sequences, ours 11, from the configured 2."""
     from bench import bench_stages

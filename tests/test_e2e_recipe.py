@@ -6,9 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO, run_script
+
+pytestmark = pytest.mark.slow  # minutes: every stage of the recipe trains for real
 
 STEPS = {"pretrain": 30, "sft": 20, "dpo": 4, "vision": 20, "projector": 10, "llm": 20, "moe": 10}
 

@@ -42,6 +42,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@pytest.mark.slow
 def test_moe_vlm_gptq_export_reloads_with_transformers_and_keeps_every_expert(moe_vlm_dir, pipeline, tmp_path):
     from export_gptq import ExportConfig, main
 
@@ -107,6 +108,7 @@ def test_moe_vlm_gptq_export_reloads_with_transformers_and_keeps_every_expert(mo
     assert abs(ppl_after - ppl_before) / ppl_before < 0.05, (ppl_before, ppl_after)
 
 
+@pytest.mark.slow
 def test_text_llm_gptq_export_reloads_generates_and_keeps_perplexity_close(llm_dir, pipeline, tmp_path):
     from export_gptq import ExportConfig, main
 

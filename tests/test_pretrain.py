@@ -33,6 +33,7 @@ def heldout_loss(model_dir, blocks_dir) -> float:
     return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
 
+@pytest.mark.slow
 def test_zero3_two_process_run_shards_weights_resumes_exactly_and_exports(pretrain_args, tmp_path, tiny_blocks,
                                                                          tiny_model_dir):
     launch = [str(REPO / ".venv/bin/accelerate"), "launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
@@ -256,6 +257,7 @@ def test_sigusr1_or_stop_file_checkpoints_and_exits_and_the_rerun_finishes(pretr
     assert second > first and not (out / "final").exists()
 
 
+@pytest.mark.slow
 def test_debug_recipe_pretraining_lowers_heldout_perplexity_well_below_the_initial_model(tmp_path):
     """The real debug configs on the built-in corpus, shortened: the corpus builder, then train_pretrain.py."""
     from data_prep.build_corpus import CorpusConfig
@@ -294,6 +296,7 @@ def test_fast_paths_are_used_when_present_and_refused_clearly_when_demanded_but_
     assert apply_liger(None, "off", 3) == "off"
 
 
+@pytest.mark.slow
 def test_compiled_checkpointed_blocks_train_to_the_same_losses_and_export_the_same_names(pretrain_args, tmp_path,
                                                                                           capsys):
     from safetensors.torch import load_file

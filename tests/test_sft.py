@@ -72,6 +72,7 @@ def assert_merged_equals_adapter_on_base(out, base_dir):
     assert any(p.abs().sum() > 0 for p in lora_b), "the adapter never moved from its zero initialisation"
 
 
+@pytest.mark.slow
 def test_zero3_two_process_lora_sft_learns_and_exports_a_merged_model(sft_inputs, tmp_path):
     out = tmp_path / "zero3"
     launch = [str(REPO / ".venv/bin/accelerate"), "launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
@@ -87,12 +88,14 @@ def test_zero3_two_process_lora_sft_learns_and_exports_a_merged_model(sft_inputs
     assert_merged_equals_adapter_on_base(out, sft_inputs / "base")
 
 
+@pytest.mark.slow
 def test_full_sft_with_length_grouping_lowers_heldout_loss(sft_inputs, tmp_path):
     result = run_in_process(args_for(sft_inputs, tmp_path / "full", packing=False, max_steps=12, micro_batch_size=4))
     evals = [h["eval_loss"] for h in result["history"] if "eval_loss" in h]
     assert evals[-1] < evals[0] - 0.3, evals
 
 
+@pytest.mark.slow
 def test_qlora_trains_on_cpu_and_merges_onto_the_unquantised_base(sft_inputs, tmp_path):
     out = tmp_path / "qlora"
     result = run_in_process(args_for(sft_inputs, out, quantization="nf4", lora_r=8, lora_alpha=16, max_steps=4,
@@ -102,6 +105,7 @@ def test_qlora_trains_on_cpu_and_merges_onto_the_unquantised_base(sft_inputs, tm
     assert_merged_equals_adapter_on_base(out, sft_inputs / "base")
 
 
+@pytest.mark.slow
 def test_dpo_caches_reference_logprobs_and_a_resumed_run_reuses_them(sft_inputs, tmp_path):
     out = tmp_path / "dpo"
     common = dict(objective="dpo", train_data=sft_inputs / "instr/preferences.jsonl", learning_rate=1e-2,

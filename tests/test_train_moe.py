@@ -91,6 +91,7 @@ def three_stages(vlm_inputs, tmp_path_factory) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_projector_stage_changes_the_projector_and_nothing_else(three_stages):
     result, out = three_stages["projector"]
     changed, names = changed_parameters(out / "start", out / "final")
@@ -99,6 +100,7 @@ def test_projector_stage_changes_the_projector_and_nothing_else(three_stages):
     assert (out / "classification.json").is_file() and result["classify_n"] == 4
 
 
+@pytest.mark.slow
 def test_llm_stage_changes_projector_and_llm_and_the_used_vision_layers_only(three_stages):
     _, out = three_stages["llm"]
     changed, names = changed_parameters(three_stages["projector"][1] / "final", out / "final")
@@ -111,6 +113,7 @@ def test_llm_stage_changes_projector_and_llm_and_the_used_vision_layers_only(thr
     assert any("vision_tower" in n and ".layers.0." in n for n in changed)
 
 
+@pytest.mark.slow
 def test_moe_stage_trains_experts_and_routers_only_and_saves_routing(three_stages):
     _, out = three_stages["moe"]
     config = json.loads((out / "final/config.json").read_text())
@@ -133,6 +136,7 @@ def test_moe_stage_trains_experts_and_routers_only_and_saves_routing(three_stage
     assert steps and all(math.isfinite(h["aux_loss"]) and h["aux_loss"] >= 1.0 for h in steps)  # k·Σf·P ≥ 1
 
 
+@pytest.mark.slow
 def test_zero3_two_process_moe_stage_finishes_and_exports_a_plain_hf_moe_vlm(three_stages, vlm_inputs, tmp_path):
     out = tmp_path / "zero3_moe"
     launch = [str(REPO / ".venv/bin/accelerate"), "launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
@@ -171,6 +175,7 @@ def test_zero3_two_process_moe_stage_finishes_and_exports_a_plain_hf_moe_vlm(thr
     assert answer == processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
+@pytest.mark.slow
 def test_image_dpo_runs_through_the_sft_objective_against_the_llm_stage(three_stages, vlm_inputs, tmp_path):
     out = tmp_path / "dpo"
     result = run_stage(args_for(vlm_inputs, out, "llm", three_stages["llm"][1] / "final", objective="dpo",
@@ -212,6 +217,7 @@ def test_task_repeats_weight_the_data_mix_and_unknown_tasks_are_an_error():
         repeat_tasks(MoEConfig(task_repeats={"captions": 2}), examples, rows, print)
 
 
+@pytest.mark.slow
 def test_llm_stage_with_lora_trains_adapters_and_projector_and_exports_them_merged(three_stages, vlm_inputs, tmp_path):
     out = tmp_path / "llm_lora"
     result = run_stage(args_for(vlm_inputs, out, "llm", three_stages["projector"][1] / "final", lora_r=4,
@@ -229,6 +235,7 @@ def test_llm_stage_with_lora_trains_adapters_and_projector_and_exports_them_merg
     assert result["history"][0]["eval_loss"] == pytest.approx(full["history"][0]["eval_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_moe_stage_with_expert_lora_trains_routers_and_merges_onto_unchanged_base_experts(three_stages, vlm_inputs,
                                                                                           tmp_path):
     from peft import PeftModel

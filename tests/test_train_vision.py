@@ -14,6 +14,7 @@ TINY_CLIP = {"vision_config": {"image_size": 64, "patch_size": 16, "hidden_size"
              "projection_dim": 32}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,data", [("contrastive", "captions"), ("classify", "classify")])
 def test_vision_pretraining_lowers_loss_and_exports_a_tower_build_vlm_loads(objective, data, pipeline, llm_dir,
                                                                              tmp_path):
