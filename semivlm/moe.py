@@ -29,6 +29,11 @@ DROPPED_FIELDS = {"llama": {"mlp_bias", "attention_bias",  # must be False: Mixt
 # (`sliding_windows`), because the families spell the same thing differently (Qwen2Moe stores 0 for "off").
 _BOOKKEEPING = {"architectures", "model_type", "transformers_version", "_name_or_path", "dtype"}
 _WINDOW_FIELDS = {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"}
+# Fields of real checkpoints that no MoE config class declares and no modelling code reads: carried over as plain
+# attributes, unchanged (configs keep unknown keyword arguments). `unk_token_id` is tokenizer metadata every HF
+# checkpoint writes; `_model_name_or_path` is the GGUF file's general.name (transformers' GGUF loader). Any other
+# undeclared field still stops the upcycling (`uncarried_fields`), since it may change what the dense model computes.
+METADATA_FIELDS = {"unk_token_id", "_model_name_or_path"}
 
 # A parameter of an MoE block: `...layers.<i>.mlp.<part>` (routers, fused experts, Qwen2Moe's empty shared expert).
 _MOE_KEY = re.compile(r"^(?P<mlp>.*\.layers\.\d+\.mlp)\.(?P<part>experts\.gate_up_proj|experts\.down_proj|gate\.weight"
@@ -88,7 +93,8 @@ def moe_text_config(dense_config, num_experts: int = 4, top_k: int = 2, moe_ever
                          f"window to every layer, so the copy would not be exact")
 
     fields = {f.name for f in dataclasses.fields(CONFIG_MAPPING[target])}
-    kw = {k: v for k, v in dense_config.to_dict().items() if k in fields and k not in _BOOKKEEPING}
+    kw = {k: v for k, v in dense_config.to_dict().items()
+          if (k in fields or k in METADATA_FIELDS) and k not in _BOOKKEEPING}
     # Qwen2Moe/Qwen3Moe read head_dim with getattr (no declared field): pass it so a non-default value survives
     if getattr(dense_config, "head_dim", None) is not None:
         kw["head_dim"] = dense_config.head_dim
