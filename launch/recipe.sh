@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The whole recipe, stage by stage, from one config directory:
-#   corpus → micrographs (synthetic, or your files via ingest.yaml) → annotations → instructions → pretrain → sft → dpo
-#   → vision → projector → llm → moe → evaluations → GPTQ W4A16 export → evaluation of it → report.md
+#   [base: a pretrained LLM from a GGUF file] → corpus → micrographs (synthetic, or your files via ingest.yaml)
+#   → annotations → instructions → pretrain → sft → dpo → vision → projector → llm → moe → evaluations
+#   → GPTQ W4A16 export → evaluation of it → report.md
 #
 #   launch/recipe.sh launch/configs/debug runs/demo              # CPU, ~20 min on 2 cores (what `make demo` runs)
 #   TRAIN_LAUNCHER="accelerate launch --config_file launch/accelerate/node_8gpu_zero3.yaml" \
 #       launch/recipe.sh launch/configs/micrograph_vlm runs/micrograph_vlm        # one node
 #   launch/slurm/submit_recipe.sh launch/configs/micrograph_vlm runs/micrograph_vlm --nodes 2   # SLURM chain
 #
-# A stage runs when CONFIG_DIR has its YAML (corpus.yaml, micrographs.yaml or ingest.yaml, annotate.yaml [optional,
-# default teacher: metadata], instructions.yaml [optional], pretrain.yaml, sft.yaml, dpo.yaml, vision.yaml,
+# A stage runs when CONFIG_DIR has its YAML (base.yaml, corpus.yaml, micrographs.yaml or ingest.yaml, annotate.yaml
+# [optional, default teacher: metadata], instructions.yaml [optional], pretrain.yaml, sft.yaml, dpo.yaml, vision.yaml,
 # projector.yaml, llm.yaml, moe.yaml, evaluate.yaml, gptq.yaml); each reads the previous stage's output in RUN_DIR,
 # whatever paths its YAML names. A stage is complete when RUN_DIR/.recipe/<stage>.done holds the fingerprint of its
 # command, its YAML and the completion record of the stage before it. So a rerun skips complete stages; a stage
@@ -68,8 +69,13 @@ arg() { local name=$1; shift; CMD[$name]+=$(printf '%q ' "$@"); SIG[$name]+=$(pr
 A=$RUN/annotations
 LLM=""; VLM=""; FINAL=""; EVALS=(); TRAINED=()
 
+if has base; then  # a real pretrained LLM (data_prep/gguf_to_hf.py): the corpus uses its tokenizer, training starts from it
+    add base "$RUN/base" "$PYTHON" data_prep/gguf_to_hf.py --config "$CFG/base.yaml" --out "$RUN/base"
+    LLM=$RUN/base
+fi
 if has corpus; then
     add corpus "$RUN/corpus" "$PYTHON" data_prep/build_corpus.py --config "$CFG/corpus.yaml" --out "$RUN/corpus"
+    [[ -n ${OUT[base]:-} ]] && arg corpus --tokenizer "$RUN/base"
 fi
 if has ingest; then
     add micrographs "$RUN/micrographs" "$PYTHON" data_prep/ingest.py --config "$CFG/ingest.yaml" --out "$RUN/micrographs"
@@ -90,6 +96,7 @@ fi
 if has pretrain; then
     add pretrain "$RUN/pretrain" "${TRAIN[@]}" train_pretrain.py --config "$CFG/pretrain.yaml" --output_dir "$RUN/pretrain" \
         --tokenizer "$RUN/corpus/tokenizer" --train_data "$RUN/corpus/train" --eval_data "$RUN/corpus/validation"
+    [[ -n $LLM ]] && arg pretrain --init_from "$LLM"   # continued pretraining of the base model
     LLM=$RUN/pretrain/final; TRAINED+=(pretrain)
 fi
 for stage in sft dpo; do
