@@ -225,12 +225,38 @@ def precompute_reference_logps(model, dataset_rows: list[dict], collate: Callabl
     return pair_logps(model, dataset_rows, collate, micro_batch_size, accelerator)
 
 
-def attach_reference(rows: list[dict], refs: list[tuple[float, float]]) -> None:
-    """Store the reference log-probs in the rows (in place) as collate_pairs expects them."""
+def attach_reference(rows, refs: list[tuple[float, float]]) -> None:
+    """Store the reference log-probs in the rows (in place) as collate_pairs expects them; a dataset whose items
+    are made on access (semivlm.record_index.IndexedRecords) gets them as columns its items then carry."""
     if len(rows) != len(refs):
         raise ValueError(f"{len(refs)} reference log-probs for {len(rows)} rows")
+    if hasattr(rows, "add_columns"):
+        rows.add_columns({"ref_chosen_logp": [float(c) for c, _ in refs],
+                          "ref_rejected_logp": [float(r) for _, r in refs]})
+        return
     for row, (c, r) in zip(rows, refs):
         row["ref_chosen_logp"], row["ref_rejected_logp"] = float(c), float(r)
+
+
+class _Chained:
+    """Several datasets read as one sequence, without copying their items."""
+
+    def __init__(self, parts):
+        self.parts = [p for p in parts if len(p)]
+
+    def __len__(self):
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, i: int):
+        for p in self.parts:
+            if i < len(p):
+                return p[i]
+            i -= len(p)
+        raise IndexError(i)
+
+
+def _ids(ds) -> list[str]:
+    return [str(x) for x in ds.column("id")] if hasattr(ds, "column") else [row["id"] for row in ds]
 
 
 def reference_on_start(datasets: list[list[dict]], collate: Callable, micro_batch_size: int,
@@ -247,8 +273,8 @@ def reference_on_start(datasets: list[list[dict]], collate: Callable, micro_batc
     cache = Path(output_dir) / REFERENCE_CACHE
 
     def on_start(model, accelerator):
-        rows = [row for ds in datasets for row in ds]
-        ids = [row["id"] for row in rows]
+        rows = _Chained(datasets)  # lists of rows, or record indexes whose items are made per micro-batch
+        ids = [i for ds in datasets for i in _ids(ds)]
         if find_latest_checkpoint(output_dir) is not None:
             stored = json.loads(cache.read_text()) if cache.is_file() else None
             if stored is None or stored.get("ids") != ids:
@@ -265,7 +291,10 @@ def reference_on_start(datasets: list[list[dict]], collate: Callable, micro_batc
                 tmp.replace(cache)
             accelerator.wait_for_everyone()
             accelerator.print(f"DPO reference log-probs of {len(rows)} pairs computed and cached in {cache}")
-        attach_reference(rows, refs)
+        start = 0
+        for ds in datasets:
+            attach_reference(ds, refs[start:start + len(ds)])
+            start += len(ds)
 
     return on_start
 

@@ -210,12 +210,7 @@ def load_image(path, record_id: str = "", max_aspect_ratio: float = 5.0, fill=(1
     except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError/ValueError (broken chunks)
         raise record_error(record_id, "image does not decode", f"{path}: {type(e).__name__}: {e}") from None
     w, h = im.size
-    if min(w, h) < MIN_SIDE:
-        raise record_error(record_id, "image too small", f"{path}: {w}x{h} < {MIN_SIDE} px a side")
-    if max(w, h) / min(w, h) > max_aspect_ratio:
-        raise record_error(record_id, "extreme aspect ratio",
-                           f"{path}: {w}x{h} is more than {max_aspect_ratio}:1; padded to a "
-                           "square its content would shrink to a sliver (crop or tile it, or raise max_aspect_ratio)")
+    _check_size(path, w, h, record_id, max_aspect_ratio)
     if im.mode in ("I", "F") or im.mode.startswith("I;"):  # 16/32-bit integer or float grayscale
         im = Image.fromarray(_to_uint8(np.asarray(im)))
     if im.mode == "P":  # palette: may carry transparency, resolved below
@@ -233,6 +228,43 @@ def load_image(path, record_id: str = "", max_aspect_ratio: float = 5.0, fill=(1
         square.paste(im, ((side - w) // 2, (side - h) // 2))
         im = square
     return im
+
+
+def _check_size(path, w: int, h: int, record_id: str, max_aspect_ratio: float) -> None:
+    if min(w, h) < MIN_SIDE:
+        raise record_error(record_id, "image too small", f"{path}: {w}x{h} < {MIN_SIDE} px a side")
+    if max(w, h) / min(w, h) > max_aspect_ratio:
+        raise record_error(record_id, "extreme aspect ratio",
+                           f"{path}: {w}x{h} is more than {max_aspect_ratio}:1; padded to a "
+                           "square its content would shrink to a sliver (crop or tile it, or raise max_aspect_ratio)")
+
+
+def image_header(path, record_id: str = "", max_aspect_ratio: float = 5.0) -> tuple[int, int]:
+    """(width, height) from the file's header only (PIL opens lazily: no pixel is decoded), with load_image's checks
+    that the header can answer: missing, not an image (a zero-byte file), too small, too elongated. A file whose
+    pixels are broken (a truncated PNG) passes here and is caught when it is decoded, per micro-batch."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise record_error(record_id, "image not found", str(path))
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception as e:  # UnidentifiedImageError (zero bytes, not an image), OSError
+        raise record_error(record_id, "image does not decode", f"{path}: {type(e).__name__}: {e}") from None
+    _check_size(path, w, h, record_id, max_aspect_ratio)
+    return w, h
+
+
+def blank_pixel_values(processor) -> torch.Tensor:
+    """[1, 3, H, W]: the processor's output for an image of the padding colour (≈0 after normalising), the shape and
+    token count of every image the processor makes (our images are square before resizing). Stands in for an image
+    that fails to decode at train time under skip_invalid, and for the blind image of a text-only micro-batch."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), image_fill(processor))  # resized (and cropped) to the tower's size
+    return processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
 
 
 def image_tokens_per_image(processor, pixel_values: torch.Tensor) -> int:
@@ -299,9 +331,12 @@ def _fit(record_id: str, ids: list, labels: list, image_id: int, n_image_tokens:
     return ids, labels
 
 
-def _encode(processor, messages, images, record_id, image_root, max_length, overflow, max_aspect_ratio, cache):
+def _encode(processor, messages, images, record_id, image_root, max_length, overflow, max_aspect_ratio, cache,
+            lazy=False):
     """(example without id, untruncated length): chat.encode_chat on string messages, checked against the images,
-    then each `<image>` token expanded to the processor's count with labels -100."""
+    then each `<image>` token expanded to the processor's count with labels -100. lazy: no pixel is decoded; the
+    example holds the images' resolved paths and header sizes instead ("images", "image_sizes"; pixel_values None),
+    and `cache` maps path -> size."""
     if overflow not in ("truncate", "skip"):
         raise ValueError(f"overflow must be 'truncate' or 'skip', not {overflow!r}")
     images = [] if images is None else images
@@ -318,10 +353,22 @@ def _encode(processor, messages, images, record_id, image_root, max_length, over
     if ids.count(image_id) != len(images):  # a template that drops or repeats user content
         raise record_error(record_id, "image count mismatch", f"the chat template renders {ids.count(image_id)} image "
                            f"token(s) for {len(images)} image(s)")
-    pixel_values, per_image = None, 0
-    if images:
+    pixel_values, per_image, paths, sizes = None, 0, [], []
+    if images and lazy:
+        cache = {} if cache is None else cache
+        if None not in cache:  # every image becomes the processor's one size: its token count, computed once
+            cache[None] = image_tokens_per_image(processor, blank_pixel_values(processor))
+        per_image = cache[None]
+        for p in images:
+            full = str((Path(image_root or ".") / p).resolve())
+            if full not in cache:
+                cache[full] = image_header(full, record_id, max_aspect_ratio)
+            paths.append(full)
+            sizes.append(list(cache[full]))
+    elif images:
         pixel_values = load_pixel_values(processor, images, image_root, record_id, max_aspect_ratio, cache)
         per_image = image_tokens_per_image(processor, pixel_values)
+    if images:
         expanded_ids, expanded_labels = [], []
         for t, y in zip(ids, labels):
             expanded_ids += [t] * (per_image if t == image_id else 1)
@@ -329,17 +376,18 @@ def _encode(processor, messages, images, record_id, image_root, max_length, over
         ids, labels = expanded_ids, expanded_labels
     n_full = len(ids)
     ids, labels = _fit(record_id, ids, labels, image_id, per_image * len(images), max_length, overflow)
+    lazy_keys = {"images": paths, "image_sizes": sizes} if lazy else {}
     return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values, "n_images": len(images),
-            "length": len(ids), "has_image": bool(images)}, n_full
+            "length": len(ids), "has_image": bool(images), **lazy_keys}, n_full
 
 
-def _record(processor, rec, n, image_root, max_length, overflow, max_aspect_ratio, cache):
+def _record(processor, rec, n, image_root, max_length, overflow, max_aspect_ratio, cache, lazy=False):
     """(id, example, untruncated length) of the n-th record of a file."""
     rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") not in (None, "") else f"#{n}"
     if not isinstance(rec, dict):
         raise record_error(rid, "not an object", f"got {type(rec).__name__}")
     return rid, *_encode(processor, rec.get("messages"), rec.get("images"), rid, image_root, max_length, overflow,
-                         max_aspect_ratio, cache)
+                         max_aspect_ratio, cache, lazy)
 
 
 def encode_vlm_record(processor, record: dict, image_root, max_length: int, overflow: str = "truncate", where: str = "",
@@ -355,23 +403,26 @@ def encode_vlm_record(processor, record: dict, image_root, max_length: int, over
 
 
 def encode_vlm_records(processor, records, image_root, max_length: int, overflow: str = "truncate",
-                       skip_invalid: bool = False, where: str = "", max_aspect_ratio: float = 5.0):
+                       skip_invalid: bool = False, where: str = "", max_aspect_ratio: float = 5.0, lazy: bool = False):
     """(examples, counts) as chat.encode_records: counts["kept"], ["truncated"], ["skipped: <reason>"],
     ["invalid: <reason>"] (only with skip_invalid; otherwise the first bad record raises RecordError naming `where`
-    and the record). Records of one image share one pixel tensor."""
+    and the record). Records of one image share one pixel tensor; lazy: no pixels, image paths and header sizes
+    (semivlm.record_index decodes them per micro-batch)."""
     cache = {}
 
     def encode_one(rec, n):
-        rid, example, n_full = _record(processor, rec, n, image_root, max_length, overflow, max_aspect_ratio, cache)
+        rid, example, n_full = _record(processor, rec, n, image_root, max_length, overflow, max_aspect_ratio, cache,
+                                       lazy)
         return {"id": rid, **example}, n_full > max_length
 
     return encode_counted(records, encode_one, skip_invalid, where)
 
 
 def encode_vlm_pair(processor, record: dict, image_root, max_length: int, where: str = "", overflow: str = "truncate",
-                    max_aspect_ratio: float = 5.0, cache: dict | None = None) -> dict:
+                    max_aspect_ratio: float = 5.0, cache: dict | None = None, lazy: bool = False) -> dict:
     """A preference record {"id", "images", "prompt", "chosen", "rejected"} -> dpo.encode_pair's keys plus
-    "pixel_values" (None without images), "n_images", "has_image". One `<image>` per image goes before the prompt."""
+    "pixel_values" (None without images), "n_images", "has_image". One `<image>` per image goes before the prompt.
+    lazy: "images" and "image_sizes" instead of pixels, as encode_vlm_records."""
     rid = record.get("id") if isinstance(record, dict) else None
     name = f"{where + ': ' if where else ''}preference pair {rid!r}"
     if not isinstance(record, dict) or not isinstance(rid, str) or not rid:
@@ -390,11 +441,12 @@ def encode_vlm_pair(processor, record: dict, image_root, max_length: int, where:
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record[side]}]
         try:
             enc, _ = _encode(processor, messages, images, f"{rid} ({side})", image_root, max_length, overflow,
-                             max_aspect_ratio, cache)
+                             max_aspect_ratio, cache, lazy)
         except RecordError as e:
             raise named_error(e, where) from None
         out.update({f"{side}_input_ids": enc["input_ids"], f"{side}_labels": enc["labels"], "pixel_values":
-                    enc["pixel_values"], "n_images": enc["n_images"], "has_image": enc["has_image"]})
+                    enc["pixel_values"], "n_images": enc["n_images"], "has_image": enc["has_image"],
+                    **{k: enc[k] for k in ("images", "image_sizes") if k in enc}})
     if out["chosen_input_ids"] == out["rejected_input_ids"]:
         raise RecordError(f"{name}: chosen and rejected encode identically within max_length={max_length}: "
                           "nothing to prefer")

@@ -205,16 +205,17 @@ def test_a_record_with_more_placeholders_than_images_stops_with_one_line_naming_
 
 
 def test_task_repeats_weight_the_data_mix_and_unknown_tasks_are_an_error():
+    from datasets import Dataset
+
+    from semivlm.record_index import IndexedRecords
     from train_moe import repeat_tasks
 
-    rows = [({"id": "a", "images": ["x.png"], "meta": {"task": "classify"}}, Path(".")),
-            ({"id": "b", "images": ["x.png"], "meta": {"task": "caption"}}, Path("."))]
-    examples = [{"id": "a"}, {"id": "b"}]
-    out = repeat_tasks(MoEConfig(task_repeats={"classify": 3}), examples, rows, lambda *_: None)
-    assert [e["id"] for e in out] == ["a", "a", "a", "b"]
-    assert repeat_tasks(MoEConfig(), examples, rows, print) is examples
+    examples = IndexedRecords(Dataset.from_list([{"id": "a", "task": "classify"}, {"id": "b", "task": "caption"}]))
+    out = repeat_tasks(MoEConfig(task_repeats={"classify": 3}), examples, lambda *_: None)
+    assert [out[i]["id"] for i in range(len(out))] == ["a", "a", "a", "b"]
+    assert repeat_tasks(MoEConfig(), examples, print) is examples
     with pytest.raises(SystemExit, match="unknown task.*captions"):
-        repeat_tasks(MoEConfig(task_repeats={"captions": 2}), examples, rows, print)
+        repeat_tasks(MoEConfig(task_repeats={"captions": 2}), examples, print)
 
 
 @pytest.mark.slow
