@@ -144,10 +144,9 @@ def option_scores(model, processor, is_vlm: bool, records: list[tuple[dict, Path
     """(N, C) log-probability that the model answers record n with exactly option c (its tokens and the end of the
     turn): the likelihood ranking behind top-1/top-5 classification, never a parse of free text."""
     pad_id = tokenizer_of(processor).pad_token_id
-    cache: dict = {}
     scores = torch.empty(len(records), len(options))
     for n, (record, root) in enumerate(records):
-        rows = []
+        rows, cache = [], {}  # the options share their record's pixels; none are kept past it (memory flat in N)
         for option in options:
             answer = {"role": "assistant", "content": [{"type": "text", "text": option}]}
             variant = {**record, "messages": _prompt_messages(record) + [answer]}
@@ -163,9 +162,9 @@ def answer_perplexity(model, processor, is_vlm: bool, records: list[tuple[dict, 
                       batch_size: int = 8) -> dict:
     """Token-weighted perplexity of the reference answers (assistant tokens only), as training measures held-out loss."""
     pad_id = tokenizer_of(processor).pad_token_id
-    cache: dict = {}
     total, tokens = 0.0, 0
     for start in range(0, len(records), batch_size):
+        cache: dict = {}  # pixels of this batch only: memory flat in the number of records
         rows = [encode_for_scoring(processor, is_vlm, r, root, max_length, cache)
                 for r, root in records[start:start + batch_size]]
         logp, n = sequence_logprobs(model, rows, pad_id)
@@ -196,8 +195,8 @@ def routing_on(model, processor, records: list[tuple[dict, Path]], max_length: i
 
     probe = RouterProbe(model)
     pad_id, image_id = tokenizer_of(processor).pad_token_id, model.config.image_token_id
-    cache: dict = {}
     for start in range(0, len(records), batch_size):
+        cache: dict = {}  # pixels of this batch only
         rows = [encode_for_scoring(processor, True, r, root, max_length, cache) for r, root in records[start:start + batch_size]]
         batch = vlm.collate_vlm(rows, pad_id)
         probe.start(batch["attention_mask"], batch["input_ids"] == image_id, record=True)
