@@ -394,6 +394,28 @@ def test_bad_inputs_are_skipped_named_and_counted(tmp_path, capsys):
     assert json.loads((tmp_path / "cli" / "stats.json").read_text())["outcomes"]["ok"] == 3
 
 
+def test_dm3_whose_header_lies_about_its_size_is_skipped_named_and_counted(examples, tmp_path, capsys):
+    """A DM3 whose ImageData/Dimensions tag claims 4x the pixels the file holds, and one cut short of the length its
+    header gives: each one line naming the file, counted as unreadable; the good file beside them still ingested."""
+    good = examples["example_Se_implanted_MoS2.dm3"]
+    data = bytearray(good.read_bytes())
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(good, d / "good.dm3")
+    tag = data.rfind(b"Dimensions")  # the last ImageData is the 1024x1024 image; its first dimension, little-endian
+    at = data.find((1024).to_bytes(4, "little"), tag)
+    assert 0 < at - tag < 60
+    data[at:at + 4] = (4096).to_bytes(4, "little")
+    (d / "lying.dm3").write_bytes(data)
+    (d / "short.dm3").write_bytes(good.read_bytes()[:2_000_000])  # header: 4,798,693 bytes
+    stats, rows, _ = run(tmp_path, [d])
+    assert stats["outcomes"] == {"ok": 1, "unreadable": 2} and set(rows) == {"good.dm3"}
+    log = capsys.readouterr().out
+    for name in ("lying.dm3", "short.dm3"):
+        assert f"skip {d / name}: unreadable (" in log, name
+    assert "Traceback" not in log
+
+
 # ------------------------------------------------------------------------------------------ tiling
 def test_large_image_is_tiled_with_boxes_in_one_split(tmp_path):
     rng = np.random.default_rng(0)
