@@ -20,6 +20,7 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Callable, Literal
@@ -68,6 +69,10 @@ class TrainConfig:
     report_to: str | list[str] = "none"
     exit_after_steps: int = 0  # checkpoint and exit 0 after this many steps of this invocation (time-sliced jobs)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = datasheet for known GPUs, else a measured matmul ceiling
+    # how long a rank waits in a collective before the job fails: rank 0 works alone after training (the LoRA merge and
+    # export, train_moe's classification check, building the stage's starting model) while the others wait in a
+    # barrier, and DeepSpeed's default (10 min) would kill a healthy run; a real hang still ends, after this long
+    dist_timeout_minutes: float = 60.0
 
 
 # ---------------------------------------------------------------- setup
@@ -152,7 +157,13 @@ def make_accelerator(cfg: TrainConfig):
         "fp16" if ds.get("fp16", {}).get("enabled") is True else "no")
     # without a GPU accelerate misreads the world size under DeepSpeed unless the gloo backend is named
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    if cfg.dist_timeout_minutes <= 0:
+        raise SystemExit(f"dist_timeout_minutes must be > 0 (got {cfg.dist_timeout_minutes})")
+    # the timeout reaches torch's process group and, under DeepSpeed, deepspeed.comm.init_distributed(timeout=...)
+    # (accelerate's PartialState passes the handler's fields on)
+    timeout = timedelta(minutes=cfg.dist_timeout_minutes)
+    handlers = [InitProcessGroupKwargs(backend="gloo" if not torch.cuda.is_available() else "nccl", timeout=timeout)
+                ] if distributed else []
     # trackers are named here and started by train() (start_trackers); TensorBoard writes under logging_dir
     out = cfg.output_dir or "."
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,

@@ -164,3 +164,83 @@ def test_moe_recipe_comment_states_the_active_parameters_of_its_model():
     assert sparse == 14 and count(moe) == count(dense) + sparse * (cfg["num_experts"] - 1) * ffn + sparse * 2048 * 4
     stated = float(re.search(r"~([\d.]+)B active", text).group(1))
     assert stated == pytest.approx(active / 1e9, abs=0.01), (stated, active)
+
+
+# ---------------------------------------------------------------- rank 0 working alone while the others wait
+
+SLOW_RANK0 = r"""
+import os, sys, time
+sys.path.insert(0, os.environ["REPO"])
+import semivlm.checkpoint as ckpt
+
+original = ckpt.stop_at_end_of_turn  # export_final calls it on the main process only, before its closing barrier
+
+
+def slow(*args, **kwargs):  # stands for the LoRA merge / classification check that rank 0 runs alone
+    print("rank 0 works alone", flush=True)
+    time.sleep(float(os.environ["SLOW_RANK0_S"]))
+    return original(*args, **kwargs)
+
+
+ckpt.stop_at_end_of_turn = slow
+from semivlm.config import load_config  # noqa: E402
+from train_pretrain import PretrainConfig, main  # noqa: E402
+
+main(load_config(PretrainConfig))
+"""
+
+
+def test_process_group_timeout_covers_rank0_working_alone(pretrain_args, tmp_path):
+    # a real 2-process ZeRO-3 run on gloo: rank 0 spends 30 s alone at export while rank 1 waits in the barrier
+    from conftest import REPO, run_script
+
+    wrapper = tmp_path / "slow_rank0.py"
+    wrapper.write_text(SLOW_RANK0)
+    launch = [str(REPO / ".venv/bin/accelerate"), "launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
+              str(wrapper)]
+    env = {"REPO": str(REPO), "SLOW_RANK0_S": "30"}
+    common = {"max_steps": 2, "eval_every": 0, "eval_batches": 1}
+
+    # a timeout shorter than rank 0's work (as DeepSpeed's 10-minute default is shorter than a CPU-side check of a
+    # 3.6B model) kills the run at that barrier
+    short = run_script(launch + pretrain_args(tmp_path / "short", dist_timeout_minutes=0.25, **common),
+                       timeout=400, env_extra=env)
+    assert short.returncode != 0, short.stdout[-2000:]
+    assert "rank 0 works alone" in short.stdout, short.stdout[-2000:] + short.stderr[-2000:]
+    assert "timed out" in short.stderr.lower(), short.stderr[-3000:]  # gloo: "Timed out waiting 15000ms for recv"
+
+    # one that fits lets the same run finish and export
+    fits = run_script(launch + pretrain_args(tmp_path / "fits", dist_timeout_minutes=1.5, **common),
+                      timeout=400, env_extra=env)
+    assert fits.returncode == 0, fits.stdout[-2000:] + fits.stderr[-3000:]
+    assert "rank 0 works alone" in fits.stdout and (tmp_path / "fits/final/config.json").is_file()
+
+
+def test_nonpositive_process_group_timeout_is_refused():
+    from semivlm.loop import TrainConfig, make_accelerator
+
+    with pytest.raises(SystemExit, match="dist_timeout_minutes must be > 0"):
+        make_accelerator(TrainConfig(dist_timeout_minutes=0, ds_config=str(ROOT / "ds_configs/zero3_fp32.json")))
+
+
+def test_moe_classification_check_runs_on_the_device_and_dtype_it_is_given(monkeypatch, tmp_path):
+    # train_moe passes the run's accelerator.device and parameter dtype: the check no longer decodes on CPU in fp32
+    import torch
+
+    import train_moe
+    from semivlm import vlm
+
+    seen = {}
+
+    class Model(torch.nn.Module):
+        def to(self, device):
+            seen["device"] = device
+            return self
+
+    def load_vlm(path, dtype=torch.float32, *args, **kwargs):
+        seen["dtype"] = dtype
+        return Model(), None
+
+    monkeypatch.setattr(vlm, "load_vlm", load_vlm)
+    acc = train_moe.classification_accuracy(tmp_path, [], 10, torch.device("cuda", 3), torch.bfloat16)
+    assert seen == {"device": torch.device("cuda", 3), "dtype": torch.bfloat16} and acc["classify_n"] == 0
