@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_vlm import built, llm_dir, pipeline, records  # noqa: F401  (fixtures: 4 micrographs, tiny VLMs)
+from test_vlm import built, records  # noqa: F401  (fixture: tiny VLMs on the 4 micrographs of `pipeline`)
+
+try:
+    from test_vlm import llm_dir, pipeline  # noqa: F401
+except ImportError:  # shared fixtures that live in conftest.py
+    pass
 
 from semivlm import record_index, vlm
 from semivlm.data import RecordError, write_jsonl_atomic
@@ -146,3 +151,47 @@ def test_worker_batches_are_the_step_batches_in_the_same_order(built, pipeline):
             assert x.keys() == y.keys()
             for k in ("input_ids", "labels", "pixel_values"):
                 assert torch.equal(x[k], y[k]), (step, k)
+
+
+def test_train_moe_names_bad_images_in_one_line_or_skips_and_replaces_them_and_reuses_its_index(pipeline, llm_dir,
+                                                                                                tmp_path, capsys):
+    from conftest import REPO, reset_accelerate
+
+    from semivlm.config import load_config
+    from train_moe import MoEConfig, main
+
+    data, empty_id, truncated_id = write_bad_images(pipeline, tmp_path)
+    tiny_clip = {"model_type": "clip_vision_model", "image_size": 64, "patch_size": 8, "hidden_size": 32,
+                 "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+    def run(out: str, records: Path, **overrides) -> dict:
+        values = {"output_dir": tmp_path / out, "stage": "projector", "init_from": llm_dir,
+                  "vision_config": json.dumps(tiny_clip), "train_data": json.dumps([str(records)]), "train_split": "",
+                  "eval_split": "", "max_length": 192, "micro_batch_size": 3, "max_steps": 1, "warmup_steps": 0,
+                  "eval_batches": 1, "save_every": 0, "classify_eval": 0, "num_workers": 2,
+                  "index_dir": tmp_path / "index", "ds_config": REPO / "ds_configs/zero3_fp32.json", **overrides}
+        reset_accelerate()
+        return main(load_config(MoEConfig, [x for k, v in values.items() for x in (f"--{k}", str(v))]))
+
+    with pytest.raises(SystemExit) as e:  # the zero-byte file: found while the index is built
+        run("a", data)
+    assert re.fullmatch(rf"bad record: train: record {empty_id}: image does not decode \(.*empty\.png: .*\)",
+                        str(e.value)), e.value
+    capsys.readouterr()
+    assert run("b", data, skip_invalid="true")["final_dir"]  # zero-byte skipped, truncated replaced in the worker
+    log = capsys.readouterr().out
+    assert "'invalid: image does not decode': 1" in log and "built the record index" in log
+    assert re.search(rf"train: record {truncated_id}: image does not decode \(.*truncated\.png.*\): replaced by a "
+                     r"blank image \(skip_invalid; 1 so far\)", log), log[-3000:]
+    assert re.search(r"step 1/1 .* data wait \d+\.\d%", log)
+    assert run("c", data, skip_invalid="true")["final_dir"]
+    log = capsys.readouterr().out
+    assert "record index reused" in log and "built the record index" not in log
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    only_truncated = data.with_name("truncated_only.jsonl")
+    write_jsonl_atomic(only_truncated, [r for r in rows if r["id"] != empty_id])
+    with pytest.raises(SystemExit) as e:  # the truncated PNG: its header reads, its pixels do not (a worker finds it)
+        run("d", only_truncated)
+    assert re.fullmatch(rf"bad record: train: record {truncated_id}: image does not decode \(.*truncated\.png: .*\)",
+                        str(e.value)), e.value
