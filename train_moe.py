@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from semivlm import dpo, moe, vlm
+from semivlm import dpo, moe, record_index, vlm
 from semivlm.checkpoint import unpartitioned
 from semivlm.config import load_config
 from semivlm.data import RecordError, exit_on_bad_record, read_jsonl, record_task
@@ -89,6 +89,10 @@ class MoEConfig(TrainConfig):
     overflow: Literal["truncate", "skip"] = "truncate"
     skip_invalid: bool = False
     max_aspect_ratio: float = 5.0  # wider images are padded to square up to this ratio, refused beyond it
+    # images are decoded per micro-batch by this many DataLoader processes, a few micro-batches ahead (0 = in the
+    # training process, between steps)
+    num_workers: int = 2
+    index_dir: str = ""  # where record indexes live (token ids, image paths and sizes); empty = output_dir/record_index
     group_by_modality: bool = True  # micro-batches all-image or all-text, of similar length (LLaVA)
     objective: Literal["sft", "dpo"] = "sft"  # dpo: image (and text) preference pairs from train_data
     beta: float = 0.1
@@ -98,50 +102,46 @@ class MoEConfig(TrainConfig):
 
 # ---------------------------------------------------------------- data
 
-def read_records(cfg: MoEConfig, files: list[str], split: str, tasks: tuple[str, ...]) -> list[tuple[dict, Path]]:
-    """(record, directory its image paths are relative to) for the records of `split` whose task is in `tasks`.
-    A record without meta.task is "instruction" when it has no image, else "vqa"."""
-    rows = []
+def iter_records(cfg: MoEConfig, files: list[str], split: str, tasks: tuple[str, ...]):
+    """(record, directory its image paths are relative to) for the records of `split` whose task is in `tasks`, one
+    at a time. A record without meta.task is "instruction" when it has no image, else "vqa"."""
     for path in files:
         try:
             for r in read_jsonl(path, skip_bad=cfg.skip_invalid):
                 task = record_task(r)
                 if (not split or r.get("meta", {}).get("split", split) == split) and (cfg.objective == "dpo" or task in tasks):
-                    rows.append((r, Path(path).parent))
+                    yield r, Path(path).parent
         except RecordError as e:
             raise SystemExit(str(e)) from None
-    return rows
 
 
-def encode(cfg: MoEConfig, processor, rows: list[tuple[dict, Path]], where: str, log) -> list[dict]:
-    examples, counts = [], {}
-    by_root: dict[Path, list[dict]] = {}
-    for r, root in rows:
-        by_root.setdefault(root, []).append(r)
-    for root, records in by_root.items():
-        if cfg.objective == "dpo":
-            out, c = vlm.encode_vlm_pairs(processor, records, root, cfg.max_length, cfg.overflow, cfg.skip_invalid,
-                                          where, cfg.max_aspect_ratio)
-        else:
-            out, c = vlm.encode_vlm_records(processor, records, root, cfg.max_length, cfg.overflow, cfg.skip_invalid,
-                                            where, cfg.max_aspect_ratio)
-        examples += out
-        for k, v in c.items():
-            counts[k] = counts.get(k, 0) + v
-    log(f"{where}: {len(examples)} {'pairs' if cfg.objective == 'dpo' else 'samples'} "
-        f"({sum(e['has_image'] for e in examples)} with images) | {counts}")
-    return examples
+def read_records(cfg: MoEConfig, files: list[str], split: str, tasks: tuple[str, ...]) -> list[tuple[dict, Path]]:
+    return list(iter_records(cfg, files, split, tasks))
 
 
-def repeat_tasks(cfg: MoEConfig, examples: list[dict], rows: list[tuple[dict, Path]], log) -> list[dict]:
+def index_records(cfg: MoEConfig, processor, files: list[str], split: str, tasks: tuple[str, ...], where: str,
+                  accelerator) -> record_index.IndexedRecords:
+    """The records of `split` and `tasks` in `files`, encoded and checked once into a memory-mapped record index
+    (reused while files, processor and settings are unchanged); no pixels until a micro-batch needs them."""
+    for f in files:
+        if not Path(f).is_file():
+            raise SystemExit(f"{f}: file does not exist")
+    settings = {"split": split, "tasks": sorted(tasks), "objective": cfg.objective, "max_length": cfg.max_length,
+                "overflow": cfg.overflow, "max_aspect_ratio": cfg.max_aspect_ratio}
+    return record_index.open_index(where, files, partial(iter_records, cfg, files, split, tasks), processor, settings,
+                                   cfg.index_dir or Path(cfg.output_dir) / "record_index",
+                                   accelerator.is_main_process, accelerator.wait_for_everyone, accelerator.print,
+                                   pairs=cfg.objective == "dpo", skip_invalid=cfg.skip_invalid)
+
+
+def repeat_tasks(cfg: MoEConfig, examples: record_index.IndexedRecords, log) -> record_index.IndexedRecords:
     """The data mix's weights: each example of a task in task_repeats taken that many times (encoded once)."""
     tasks = STAGES["llm"]["tasks"]  # every task there is
     if unknown := set(cfg.task_repeats) - set(tasks):
         raise SystemExit(f"task_repeats: unknown task(s) {sorted(unknown)}; tasks are {', '.join(tasks)}")
     if not cfg.task_repeats:
         return examples
-    task_of = {r.get("id"): record_task(r) for r, _ in rows}
-    out = [e for e in examples for _ in range(int(cfg.task_repeats.get(task_of.get(e["id"]), 1)))]
+    out = examples.repeated([int(cfg.task_repeats.get(t, 1)) for t in examples.column("task")])
     log(f"train: {len(examples)} samples -> {len(out)} with task repeats {cfg.task_repeats}")
     return out
 
@@ -356,36 +356,40 @@ def run(cfg: MoEConfig) -> dict:
     tasks = tuple(cfg.tasks) or stage["tasks"]
     if not cfg.train_data:
         raise SystemExit("train_data is required: JSONL record files (captions, VQA, classification, instructions)")
-    train_rows = read_records(cfg, cfg.train_data, cfg.train_split, tasks)
-    eval_rows = read_records(cfg, cfg.eval_data or cfg.train_data, cfg.eval_split, tasks)
-    train_set = repeat_tasks(cfg, encode(cfg, processor, train_rows, "train", accelerator.print), train_rows,
-                             accelerator.print)
-    eval_set = encode(cfg, processor, eval_rows, "held-out", accelerator.print) or None
+    train_set = repeat_tasks(cfg, index_records(cfg, processor, cfg.train_data, cfg.train_split, tasks, "train",
+                                                accelerator), accelerator.print)
+    eval_set = index_records(cfg, processor, cfg.eval_data or cfg.train_data, cfg.eval_split, tasks, "held-out",
+                             accelerator) or None
     if not train_set:
         raise SystemExit(f"no usable {cfg.train_split} records of tasks {tasks} in {cfg.train_data}")
     pad_id = tokenizer.pad_token_id
     permutation, on_start = None, None
     if cfg.objective == "dpo":
         collate = partial(vlm.collate_vlm_pairs, pad_id=pad_id)
+        collate = record_index.ImageCollate(collate, processor, cfg.max_aspect_ratio, cfg.skip_invalid, "train",
+                                            accelerator.print)
         base_loss = dpo.make_dpo_loss(cfg.beta, "precomputed")
         on_start = dpo.reference_on_start([train_set, eval_set or []], collate, cfg.micro_batch_size, cfg.output_dir)
     else:
-        collate = partial(vlm.collate_vlm, pad_id=pad_id)
+        collate = record_index.ImageCollate(partial(vlm.collate_vlm, pad_id=pad_id), processor, cfg.max_aspect_ratio,
+                                            cfg.skip_invalid, "train", accelerator.print)
         base_loss = causal_lm_loss
-        lengths = [e["length"] for e in train_set]
+        lengths = train_set.column("length").tolist()
         if cfg.group_by_modality:
             permutation = partial(vlm.modality_length_grouped_permutation, lengths,
-                                  [e["has_image"] for e in train_set], cfg.micro_batch_size, cfg.seed)
+                                  train_set.column("has_image").tolist(), cfg.micro_batch_size, cfg.seed)
         order = permutation(0) if permutation else random_order(cfg.seed, len(train_set), 0)
         share = vlm.token_share(lengths, order, cfg.micro_batch_size)
         accelerator.print(f"micro-batches of {cfg.micro_batch_size}: {100 * share:.1f}% tokens, not padding "
                           f"(group_by_modality {cfg.group_by_modality}): padding-free packing could win back the rest")
-    some_image = next((e["pixel_values"][:1] for e in train_set + (eval_set or []) if e["has_image"]), None)
-    if zero_stage(accelerator) == 3 and accelerator.num_processes > 1 and some_image is not None:
+    any_image = train_set.column("has_image").any() or (eval_set is not None and eval_set.column("has_image").any())
+    report = collate.report  # the main process's check of each micro-batch decoded by a worker
+    if zero_stage(accelerator) == 3 and accelerator.num_processes > 1 and any_image:
         # ZeRO-3 gathers the vision tower's weights in a collective every rank must join, so every micro-batch on
         # every rank runs it: text-only micro-batches get a blind image
-        collate = partial(blind_image_collate, collate, torch.zeros_like(some_image),
-                          vlm.image_tokens_per_image(processor, some_image), model.config.image_token_id, pad_id)
+        blank = vlm.blank_pixel_values(processor)
+        collate = partial(blind_image_collate, collate, blank, vlm.image_tokens_per_image(processor, blank),
+                          model.config.image_token_id, pad_id)
     loss_fn = moe_loss(cfg, probe, model.config.image_token_id, base_loss) if probe else base_loss
 
     last_routing: dict = {}
@@ -409,7 +413,9 @@ def run(cfg: MoEConfig) -> dict:
                       f"{cfg.projector_lr or stage['projector_lr']:.1e} | ZeRO stage {zero_stage(accelerator)}")
     result = train(cfg, accelerator, model, processor, train_set, eval_set, collate, loss_fn=loss_fn,
                    param_groups=param_groups(cfg, groups), lora_config=lora_config, seq_len=cfg.max_length,
-                   permutation=permutation, on_start=on_start, artifacts=routing_files if probe else None)
+                   permutation=permutation, on_start=on_start, artifacts=routing_files if probe else None,
+                   batch_loader=record_index.batch_loader(cfg.num_workers, report,
+                                                          pin_memory=accelerator.device.type == "cuda"))
 
     # ---- held-out category accuracy of the exported model (main process; the others wait)
     if result["final_dir"] and cfg.classify_eval > 0 and accelerator.is_main_process:
