@@ -228,7 +228,7 @@ def param_groups(cfg: MoEConfig, groups: dict) -> list[dict]:
     out = []
     for kind, params in groups.items():
         for decay in (True, False):
-            ps = [p for p in params if (p.ndim >= 2) == decay]
+            ps = [p for p in params if (len(getattr(p, "ds_shape", p.shape)) >= 2) == decay]  # ZeRO-3: true shape
             if ps:
                 out.append({"params": ps, "lr": lrs[kind], "weight_decay": cfg.weight_decay if decay else 0.0})
     return out

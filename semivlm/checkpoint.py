@@ -184,3 +184,127 @@ def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lo
         tmp.rename(out)
     accelerator.wait_for_everyone()
     return out
+
+
+# ---------------------------------------------------------------- resume on another world size or format
+#
+# A checkpoint is written in the format of the run that saved it: under DeepSpeed, `pytorch_model/` holds one
+# optimizer (and, under ZeRO-3, weight) partition per rank; without it, `model.safetensors` + `optimizer.bin` are
+# whole. Loading is direct when the format is the same and, for DeepSpeed, the world size too (plain checkpoints do
+# not depend on it). Otherwise the DeepSpeed checkpoint is converted once, on the main process, into DeepSpeed's
+# universal format (`universal/`: per parameter name, the fp32 master weight and both Adam moments), which any
+# partitioning loads: DeepSpeed itself with `load_universal`, a plain run by name into torch's AdamW.
+
+UNIVERSAL = "universal"
+MODEL_TAG = "pytorch_model"  # accelerate's tag (its MODEL_NAME) for the DeepSpeed engine's checkpoint
+
+
+def is_deepspeed_checkpoint(checkpoint: Path) -> bool:
+    return (checkpoint / MODEL_TAG).is_dir()
+
+
+def saved_world_size(checkpoint: Path, state: dict) -> int:
+    """The number of ranks that wrote `checkpoint` (trainer state; older checkpoints: their per-rank RNG files)."""
+    return int(state.get("world_size") or len(list(checkpoint.glob("random_states_*.pkl"))) or 1)
+
+
+def universal_checkpoint(checkpoint: Path, log=print) -> Path:
+    """`checkpoint/universal/`, converted from the DeepSpeed partitions on first use (main process only; atomic,
+    so an interrupted conversion is redone)."""
+    import argparse
+    import contextlib
+    import io
+
+    out = checkpoint / UNIVERSAL
+    if (out / "latest_universal").is_file():
+        return out
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = checkpoint / f".tmp-{UNIVERSAL}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    args = argparse.Namespace(input_folder=str(checkpoint / MODEL_TAG), output_folder=str(tmp / MODEL_TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress bars and argument dump
+        ds_to_universal(args)
+    # the scheduler and RNG states sit beside the engine's tag, where accelerate.load_state looks for them
+    for f in list(checkpoint.glob("custom_checkpoint_*.pkl")) + list(checkpoint.glob("random_states_*.pkl")):
+        shutil.copy2(f, tmp / f.name)
+    tmp.rename(out)
+    log(f"converted {checkpoint} to DeepSpeed's universal format in {out}")
+    return out
+
+
+def _optimizer_hyperparameters(optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def _restore_hyperparameters(optimizer, saved: list[dict], lrs: list[float]) -> None:
+    """DeepSpeed 0.19.8's universal load copies the first saved group's hyperparameters into every group (weight
+    decay 0.0 onto the decayed matrices, or 0.1 onto norms); the run's own, with the scheduler's lr, go back."""
+    for group, hyper, lr in zip(optimizer.param_groups, saved, lrs):
+        group.update(hyper)
+        group["lr"] = lr
+
+
+def _load_universal_into_plain(accelerator, model, optimizer, scheduler, universal: Path, checkpoint: Path) -> None:
+    """Weights and Adam moments by parameter name from a universal checkpoint into an unpartitioned model and torch
+    AdamW; then the scheduler (the RNG of the old ranks does not apply to this run's)."""
+    zero = universal / MODEL_TAG / "zero"
+    common = torch.load(zero / "optimizer_state.pt", weights_only=False)["optimizer_state_dict"]
+    step = float(next(iter(common["state"].values()))["step"])
+    unwrapped = accelerator.unwrap_model(model)
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    missing = []
+    for name, param in unwrapped.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen weights are not the optimizer's: they come from init_from, as in the saved run
+        folder = zero / name
+        if not (folder / "fp32.pt").is_file():
+            missing.append(name)
+            continue
+        load = lambda key: torch.load(folder / f"{key}.pt", weights_only=False).reshape(param.shape)  # noqa: E731
+        with torch.no_grad():
+            param.copy_(load("fp32").to(param.dtype))
+        torch_optimizer.state[param] = {"step": torch.tensor(step), "exp_avg": load("exp_avg").to(param.device),
+                                        "exp_avg_sq": load("exp_avg_sq").to(param.device)}
+    if missing:
+        raise SystemExit(f"checkpoint '{checkpoint}' holds no trained weights for {len(missing)} parameters of this "
+                         f"model, e.g. {missing[:2]}: was it written by another model or LoRA setting?")
+    scheduler.load_state_dict(torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False))
+    for group, lr in zip(torch_optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path, state: dict, log=print) -> None:
+    """Resume model, optimizer, scheduler (and RNG where it applies) from `checkpoint`, whatever the world size and
+    whether it or this run uses DeepSpeed. Every case loads weights and optimizer state, or stops with one line."""
+    world = accelerator.num_processes
+    saved_world = saved_world_size(checkpoint, state)
+    saved_ds = is_deepspeed_checkpoint(checkpoint)
+    now_ds = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    if saved_ds == now_ds and (not now_ds or saved_world == world):
+        accelerator.load_state(str(checkpoint))
+        return
+    if not saved_ds:
+        raise SystemExit(f"checkpoint '{checkpoint}' was written without DeepSpeed; this run uses DeepSpeed, which "
+                         "cannot load it: resume it without DeepSpeed (e.g. python train_x.py, or accelerate launch "
+                         "with multi-GPU instead of DeepSpeed), or start a new output_dir with init_from")
+    if accelerator.is_main_process:
+        universal_checkpoint(checkpoint, log)
+    accelerator.wait_for_everyone()
+    universal = checkpoint / UNIVERSAL
+    what = f"{saved_world} DeepSpeed rank(s) -> {world} {'DeepSpeed ' if now_ds else 'plain '}rank(s)"
+    if not now_ds:
+        _load_universal_into_plain(accelerator, model, optimizer, scheduler, universal, checkpoint)
+    else:
+        engine = model  # accelerate returns the DeepSpeed engine from prepare()
+        hyper = _optimizer_hyperparameters(scheduler.optimizer)
+        engine._config.load_universal_checkpoint = True
+        try:
+            accelerator.load_state(str(universal))
+        finally:
+            engine._config.load_universal_checkpoint = False
+        _restore_hyperparameters(scheduler.optimizer, hyper, scheduler.get_last_lr())
+    log(f"resumed across world sizes ({what}): weights, Adam moments and schedule from {universal}")

@@ -42,7 +42,10 @@ class TrainConfig:
     tokenizer: str = ""  # directory or hub id; empty = init_from
     train_data: str = ""
     eval_data: str = ""
-    max_steps: int = 100  # optimizer steps
+    max_steps: int = 100  # optimizer steps; 0 when training by epochs
+    # passes over the training set (fractions allowed) instead of max_steps: ceil(epochs × records / global batch)
+    # steps, the last one shortened so that each epoch is exactly one permutation of the records; 0 = use max_steps
+    epochs: float = 0
     learning_rate: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
     warmup_steps: int = 10
@@ -292,6 +295,41 @@ def epoch_line(records: int, global_batch: int, steps: int) -> str:
             f"{steps} steps = {steps / per_epoch:.2f} epochs")
 
 
+def planned_steps(cfg: TrainConfig, records: int, global_batch: int) -> tuple[int, int | None]:
+    """(optimizer steps, samples the run consumes): by epochs, or max_steps over an endless sequence (None)."""
+    if cfg.epochs < 0:
+        raise ConfigError(f"epochs must be >= 0 (got {cfg.epochs})")
+    if cfg.epochs > 0:
+        if cfg.max_steps > 0:
+            raise ConfigError(f"set max_steps or epochs, not both (max_steps {cfg.max_steps}, epochs {cfg.epochs}): "
+                              "add --max_steps 0 to train by epochs")
+        total = round(cfg.epochs * records)
+        if total < 1:
+            raise ConfigError(f"epochs {cfg.epochs} of {records} records is no sample at all")
+        return math.ceil(total / global_batch), total
+    if cfg.max_steps <= 0:
+        raise ConfigError("set max_steps > 0 or epochs > 0")
+    return cfg.max_steps, None
+
+
+def keep_global_batch(saved: dict, world: int, micro: int, accum: int, checkpoint) -> int:
+    """The grad_accum that keeps the checkpoint's global batch (samples per optimizer step) on `world` ranks × `micro`.
+
+    The sample sequence is cut into global batches of that size, so a resume on another world size must keep it to
+    see the same samples at the same steps; grad_accum absorbs the change when it divides, else the run stops."""
+    batch = int(saved.get("global_batch") or 0)
+    if not batch or batch == world * micro * accum:
+        return accum
+    if batch % (world * micro) == 0:
+        return batch // (world * micro)
+    micros = [m for m in range(1, batch + 1) if batch % (world * m) == 0]
+    worlds = [w for w in range(1, batch + 1) if batch % (w * micro) == 0]
+    raise SystemExit(f"checkpoint '{checkpoint}' was trained with a global batch of {batch} samples per step "
+                     f"({saved.get('world_size')} ranks × {saved.get('micro_batch_size')} micro × "
+                     f"{saved.get('grad_accum')} accum), which {world} ranks × {micro} micro cannot keep with any "
+                     f"grad_accum: use micro_batch_size in {micros} or a world size in {worlds}")
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -306,11 +344,13 @@ def cosine_with_warmup(step: int, cfg: TrainConfig) -> float:
 
 
 def default_param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay matrices, not biases or norm gains (the usual GPT recipe)."""
+    """Decay matrices, not biases or norm gains (the usual GPT recipe). Under ZeRO-3 a partitioned parameter is an
+    empty 1-D placeholder: its true shape is `ds_shape` (reading `ndim` would exempt every matrix from decay and give
+    the run one group where a plain run has two, so their checkpoints would not match)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
@@ -325,14 +365,20 @@ def random_order(seed: int, n: int, epoch: int) -> np.ndarray:
 class StepBatches:
     """The micro-batches this rank runs for optimizer step `step`.
 
-    Samples come from an endless sequence of per-epoch permutations (`permutation(epoch)`, random by default, or
-    e.g. length-grouped), consumed in order by step, micro-batch and rank: resuming at a step needs only its number.
+    Samples come from a sequence of per-epoch permutations (`permutation(epoch)`, random by default, or e.g.
+    length-grouped): global position p is record permutation(p // n)[p % n]. A function of (seed, epoch, position)
+    only, so it is the same on any world size. Step s runs positions [s·G, (s+1)·G) with G = world × micro × accum
+    the global batch, which a resume keeps (loop.keep_global_batch); within it micro-batch m of rank r is
+    [s·G + (m·world + r)·micro, … + micro). With `total` (training by epochs) positions from `total` on are not
+    run: the last step is short, and a micro-batch left with no sample runs one record at weight 0 (`empty(step)`),
+    since every rank must join the forward and backward collectives of ZeRO-3.
     """
 
     def __init__(self, dataset, collate, cfg: TrainConfig, world: int, rank: int,
-                 permutation: Callable[[int], np.ndarray] | None = None):
+                 permutation: Callable[[int], np.ndarray] | None = None, total: int | None = None):
         self.dataset, self.collate, self.cfg, self.world, self.rank = dataset, collate, cfg, world, rank
         self.permutation = permutation or partial(random_order, cfg.seed, len(dataset))
+        self.total = total
         self._perm_cache: dict[int, np.ndarray] = {}
 
     def _index(self, pos: int) -> int:
@@ -341,12 +387,22 @@ class StepBatches:
             self._perm_cache = {epoch: self.permutation(epoch)}
         return int(self._perm_cache[epoch][i])
 
-    def indices(self, step: int) -> list[list[int]]:
-        """The dataset indices of this rank's micro-batches of `step` (what record_index.WorkerBatches prefetches)."""
+    def _positions(self, step: int) -> list[range]:
         micro, ga = self.cfg.micro_batch_size, self.cfg.grad_accum
         base = step * micro * ga * self.world
         starts = [base + (m * self.world + self.rank) * micro for m in range(ga)]
-        return [[self._index(p) for p in range(start, start + micro)] for start in starts]
+        end = self.total if self.total is not None else float("inf")
+        return [range(start, int(min(start + micro, max(start, end)))) for start in starts]
+
+    def empty(self, step: int) -> list[bool]:
+        """Which of this rank's micro-batches of `step` hold no sample (only past the end of an epochs run)."""
+        return [len(r) == 0 for r in self._positions(step)]
+
+    def indices(self, step: int) -> list[list[int]]:
+        """The dataset indices of this rank's micro-batches of `step` (what record_index.WorkerBatches prefetches);
+        an empty micro-batch gets the step's first record as a stand-in that the loop weights 0."""
+        first = step * self.cfg.micro_batch_size * self.cfg.grad_accum * self.world
+        return [[self._index(p) for p in r] or [self._index(first)] for r in self._positions(step)]
 
     def __call__(self, step: int) -> list[dict]:
         return [self.collate([self.dataset[i] for i in idx]) for idx in self.indices(step)]
@@ -439,7 +495,8 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
           on_start: Callable | None = None, base_for_merge: str | None = None,
           artifacts: Callable[[], tuple[dict[str, str], dict[str, float]]] | None = None,
           train_flops_per_token: float | None = None, batch_loader: Callable | None = None) -> dict:
-    """Train `model` for cfg.max_steps optimizer steps; returns {"history": [...], "final_dir": path | None}.
+    """Train `model` for cfg.max_steps optimizer steps, or cfg.epochs passes over `train_dataset`; returns
+    {"history": [...], "final_dir": path | None, "stopped_early": bool, "max_steps": the run's step count}.
 
     `permutation(epoch)` orders the samples (default: random per epoch); `on_start(model, accelerator)` runs on
     every rank after prepare() and resume, before the first step (e.g. DPO reference log-probs); `artifacts()`,
@@ -482,6 +539,29 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         if zero_stage(accelerator) == 3:  # its parameter hooks gather weights inside every block: graph breaks
             raise SystemExit("compile: true is not supported under ZeRO-3; use ds_configs/zero2.json or compile: false")
         log(f"compiled {compile_blocks(model)} transformer blocks (torch.compile, regional)")
+    # a resume keeps the checkpoint's global batch (grad_accum absorbs a new world size), then the step count
+    # follows from it: the same samples at the same steps, and the same schedule, as the uninterrupted run
+    world = accelerator.num_processes
+    latest = ckpt.find_latest_checkpoint(out)
+    state = ckpt.load_trainer_state(latest) if latest is not None else {}
+    accum = keep_global_batch(state, world, cfg.micro_batch_size, cfg.grad_accum, latest)
+    if accum != cfg.grad_accum:
+        log(f"grad_accum {cfg.grad_accum} -> {accum} on {world} ranks × {cfg.micro_batch_size} micro: keeps the "
+            f"checkpoint's global batch of {state['global_batch']} samples ({state.get('world_size')} ranks × "
+            f"{state.get('micro_batch_size')} micro × {state.get('grad_accum')} accum)")
+        accelerator.gradient_accumulation_steps = accum
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:
+            plugin.deepspeed_config["gradient_accumulation_steps"] = accum
+    global_batch = world * cfg.micro_batch_size * accum
+    steps, total_samples = planned_steps(cfg, len(train_dataset), global_batch)
+    # the loop, the schedule and the log read this copy; the caller's cfg (and run_config) keep what was asked
+    cfg = dataclasses.replace(cfg, max_steps=steps, epochs=0, grad_accum=accum)
+    if state.get("max_steps") not in (None, steps) or state.get("records") not in (None, len(train_dataset)):
+        log(f"warning: checkpoint {latest} was from a run of {state.get('max_steps')} steps over "
+            f"{state.get('records')} records; this one has {steps} steps over {len(train_dataset)} records, so the "
+            "schedule and the sample order differ from that run's")
+
     groups = param_groups or default_param_groups(model, cfg.weight_decay)
     fused = accelerator.device.type == "cuda" and zero_stage(accelerator) == 0
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -493,18 +573,14 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     accelerator.register_for_checkpointing(scheduler)
 
     start_step, history = 0, []
-    latest = ckpt.find_latest_checkpoint(out)
     if latest is not None:
-        state = ckpt.load_trainer_state(latest)
-        accelerator.load_state(str(latest))
+        ckpt.load_checkpoint(accelerator, model, optimizer, scheduler, latest, state, log)
         start_step, history = state["step"], state["history"]
         log(f"resumed from {latest} at step {start_step}")
     elif cfg.init_from:
         log(f"initialised from {cfg.init_from}")
 
     tflops, tflops_source = peak_tflops(cfg, accelerator)
-    world = accelerator.num_processes
-    global_batch = world * cfg.micro_batch_size * cfg.grad_accum
     log(f"training {trainable_params:,} of {total_params:,} parameters for {cfg.max_steps} steps | "
         f"{world} ranks × {cfg.micro_batch_size} micro × {cfg.grad_accum} accum = {global_batch} sequences/step | "
         f"{epoch_line(len(train_dataset), global_batch, cfg.max_steps)} | precision {accelerator.mixed_precision} | "
@@ -532,7 +608,10 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         record(0, metrics)
         log(eval_line(0, metrics))
 
-    batches_for = StepBatches(train_dataset, collate, cfg, world, accelerator.process_index, permutation)
+    order = StepBatches(train_dataset, collate, cfg, world, accelerator.process_index, permutation, total_samples)
+    batches_for = order
+    # test hook: each rank appends the records it trains on at each step to SEMIVLM_SAMPLE_LOG.rank<r> (JSON lines)
+    sample_log = os.environ.get("SEMIVLM_SAMPLE_LOG")
     if batch_loader is not None:
         batches_for = batch_loader(batches_for)
     model.train()
@@ -541,7 +620,13 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         t0 = time.perf_counter()
         window = batches_for(step)
         data_wait = time.perf_counter() - t0  # waiting for this step's micro-batches (decoded, collated)
-        counts = torch.tensor([sum(supervised_tokens(b) for b in window), sum(input_tokens(b) for b in window),
+        empty = order.empty(step)  # stand-ins past the end of an epochs run: weight 0, not counted
+        if sample_log:
+            ids = [i for idx, e in zip(order.indices(step), empty) if not e for i in idx]
+            with open(f"{sample_log}.rank{accelerator.process_index}", "a") as f:
+                f.write(json.dumps({"step": step + 1, "ids": ids}) + "\n")
+        counts = torch.tensor([sum(supervised_tokens(b) for b, e in zip(window, empty) if not e),
+                               sum(input_tokens(b) for b, e in zip(window, empty) if not e),
                                float(stop.requested())], dtype=torch.float64, device=accelerator.device)
         counts = accelerator.reduce(counts, reduction="sum")
         if counts[0] == 0:
@@ -550,10 +635,12 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         # gradient is sum-over-tokens / tokens-in-step
         num_items = float(counts[0]) / (cfg.grad_accum * world)
         loss_sum, extras_sum, grad_norm = 0.0, {}, None
-        for batch in window:
+        for batch, is_empty in zip(window, empty):
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with accelerator.accumulate(model):
                 loss, extras = loss_fn(model, batch, num_items)
+                if is_empty:
+                    loss, extras = loss * 0.0, {}
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # under DeepSpeed this only reads the norm it clipped with
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), accelerator.clip or float("inf"))
@@ -593,8 +680,12 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         stop_now = bool(counts[2] > 0) or (cfg.exit_after_steps and step - start_step >= cfg.exit_after_steps)
         if (cfg.save_every and step % cfg.save_every == 0) or (stop_now and step < cfg.max_steps):
             files = artifact_files(step)  # before the state is written: its history includes the scalars
-            path = ckpt.save_checkpoint(accelerator, out, step, {"step": step, "history": history}, run_config,
-                                        cfg.keep_checkpoints, files)
+            # what a resume on another world size needs to rebuild the same sample sequence and schedule
+            trainer_state = {"step": step, "history": history, "world_size": world, "global_batch": global_batch,
+                             "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum,
+                             "max_steps": cfg.max_steps, "records": len(train_dataset),
+                             "zero_stage": zero_stage(accelerator)}
+            path = ckpt.save_checkpoint(accelerator, out, step, trainer_state, run_config, cfg.keep_checkpoints, files)
             log(f"saved checkpoint {path}")
         if stop_now and step < cfg.max_steps:
             log(f"stop requested: checkpointed at step {step}; rerun the same command to resume")
@@ -608,4 +699,5 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
         if main:
             (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         log(f"exported {final}")
-    return {"history": history, "final_dir": str(final) if final else None, "stopped_early": stopped_early}
+    return {"history": history, "final_dir": str(final) if final else None, "stopped_early": stopped_early,
+            "max_steps": cfg.max_steps}
