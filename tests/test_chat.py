@@ -12,7 +12,7 @@ from semivlm.chat import (SkipRecord, collate_chat, encode_chat, encode_records,
                           pack_examples, packing_efficiency)
 from semivlm.data import RecordError
 
-from conftest import corpus_text
+from conftest import corpus_text, fp32_sum_tol
 
 U1, A1 = "What does CMP remove?", "The copper overburden above the trench."
 U2, A2 = "And at which pressure?", "About 2 psi of down force on the wafer."
@@ -236,8 +236,11 @@ def test_packed_rows_give_the_same_per_record_losses_as_unpacked_records(attn):
         alone[e["id"]] = float(token_losses(logits, torch.tensor([e["labels"]])).sum())
     packed = per_record(batch["position_ids"])
     assert packed.keys() == alone.keys()
+    # the same sums in fp32 over other shapes (a row of 80 vs the record alone): each token loss is a logsumexp over
+    # the 200-token vocabulary after attention over <= 80 positions, summed over the record's tokens (Σ|x| = its loss)
+    tol = {rid: fp32_sum_tol(80 + 200, alone[rid]) for rid in alone}
     for rid in alone:
-        assert packed[rid] == pytest.approx(alone[rid], abs=1e-5), rid
+        assert packed[rid] == pytest.approx(alone[rid], abs=tol[rid]), rid
     # the first label of every packed record is -100: no record learns to predict the next one's first token
     for row in rows:
         starts = [t for t, p in enumerate(row["position_ids"]) if p == 0]
@@ -248,11 +251,13 @@ def test_packed_rows_give_the_same_per_record_losses_as_unpacked_records(attn):
     with torch.no_grad():
         hf_loss = float(model(**model_batch, use_cache=False).loss)
     n_sup = sum(sum(l != -100 for l in e["labels"][1:]) for e in examples)
-    assert hf_loss == pytest.approx(sum(alone.values()) / n_sup, abs=1e-5)
+    # a token mean: the per-record bounds, plus n_sup more terms in the mean's own sum, divided by n_sup
+    assert hf_loss == pytest.approx(sum(alone.values()) / n_sup,
+                                    abs=(sum(tol.values()) + fp32_sum_tol(n_sup, sum(alone.values()))) / n_sup)
     # without restarting positions (one causal sequence per row) the records see each other: the mask matters
     width = batch["input_ids"].shape[1]
     plain = per_record(torch.arange(width).expand(len(rows), width))
-    assert max(abs(plain[r] - alone[r]) for r in alone) > 1e-2
+    assert max(abs(plain[r] - alone[r]) - 10 * tol[r] for r in alone) > 0
 
 
 def test_packing_is_deterministic_first_fit_decreasing_and_keeps_every_token():
