@@ -167,6 +167,7 @@ def test_bad_inputs_give_clear_errors(documents, tmp_path):
         main(InstructionsConfig(documents=str(documents), out=str(tmp_path / "out"), preference_model="/nonexistent/m"))
 
 
+@pytest.mark.slow  # generates with a model for every pair: ~1 min on 2 cores
 def test_a_models_own_answers_become_the_rejected_side_of_text_pairs(documents, tmp_path, tiny_model_dir, tiny_blocks):
     import shutil
 
