@@ -55,6 +55,7 @@ class EvalConfig:
     compare: list[str] = field(default_factory=list)  # evaluation output dirs to tabulate instead of evaluating
     training: list[str] = field(default_factory=list)  # with compare: training output dirs, one row each (history.json)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the GPU when one is visible, else the CPU
 
 
 def progress_printer(what: str):
@@ -150,7 +151,8 @@ def main(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- model and records, by task
-    model, processor, is_vlm = ev.load_model(cfg.model, getattr(torch, cfg.dtype))
+    device = ev.pick_device(cfg.device)
+    model, processor, is_vlm = ev.load_model(cfg.model, getattr(torch, cfg.dtype), device=device)
     records = ev.read_records(cfg.data, cfg.split)
     by_task: dict[str, list] = {}
     for r, root in records:
@@ -158,13 +160,15 @@ def main(cfg: EvalConfig) -> dict:
         if is_vlm or not r.get("images"):  # a text LLM cannot see: image records are not its to answer
             by_task.setdefault(task, []).append((r, root))
     limited = {t: rows[:cfg.limit] if cfg.limit else rows for t, rows in by_task.items()}
-    print(f"{cfg.model} ({'VLM' if is_vlm else 'text LLM'}{', MoE' if ev.is_moe(model) else ''}) | split "
+    print(f"{cfg.model} ({'VLM' if is_vlm else 'text LLM'}{', MoE' if ev.is_moe(model) else ''}) | {device} "
+          f"{cfg.dtype}, batches of {cfg.batch_size} | split "
           f"{cfg.split or 'all'} | " + ", ".join(f"{t} {len(v)}" for t, v in limited.items()), flush=True)
     if not cfg.data and not cfg.corpus:
         raise SystemExit("nothing to evaluate: give data (JSONL record files) and/or corpus")
     if cfg.data and not limited:
         raise SystemExit(f"no records of split '{cfg.split}' in {cfg.data}")
-    result: dict = {"name": cfg.name or cfg.model, "model": cfg.model, "config": asdict(cfg), "tasks": {}}
+    result: dict = {"name": cfg.name or cfg.model, "model": cfg.model, "config": asdict(cfg), "device": str(device),
+                    "tasks": {}}
     predictions, headline = [], {}
     gen_time, gen_count = 0.0, 0
 
@@ -173,7 +177,10 @@ def main(cfg: EvalConfig) -> dict:
         t0 = time.perf_counter()
         preds = ev.generate(model, processor, is_vlm, limited[task], cfg.max_new_tokens, cfg.batch_size,
                             progress_printer(f"{task} answers"))
-        gen_time, gen_count = gen_time + time.perf_counter() - t0, gen_count + len(preds)
+        elapsed = time.perf_counter() - t0
+        gen_time, gen_count = gen_time + elapsed, gen_count + len(preds)
+        print(f"  {task}: {len(preds)} answers in {elapsed:.1f}s = {len(preds) / max(elapsed, 1e-9):.2f} answers/s on "
+              f"{device}", flush=True)
         refs = [ev.reference(r) for r, _ in limited[task]]
         predictions.extend({"id": r.get("id"), "task": task, "prediction": p, "reference": ref}
                            for (r, _), p, ref in zip(limited[task], preds, refs))
@@ -250,8 +257,10 @@ def main(cfg: EvalConfig) -> dict:
     with open(out / "predictions.jsonl", "w") as f:
         for p in predictions:
             f.write(json.dumps(p) + "\n")
-    lines = [f"# Evaluation of `{cfg.model}`", "", f"split `{cfg.split or 'all'}`, records per task ≤ {cfg.limit or 'all'}",
-             "", metrics.markdown_table([{"metric": k, "value": v} for k, v in headline.items()], ["metric", "value"])]
+    lines = [f"# Evaluation of `{cfg.model}`", "", f"split `{cfg.split or 'all'}`, records per task ≤ {cfg.limit or 'all'}", "",
+             f"device `{device}` ({cfg.dtype}), generation in batches of {cfg.batch_size}: "
+             f"{headline['answers_per_s'] or 0:.2f} answers/s", "",
+             metrics.markdown_table([{"metric": k, "value": v} for k, v in headline.items()], ["metric", "value"])]
     if "caption" in result["tasks"]:
         lines += ["", f"Caption metrics backend: {result['tasks']['caption'].get('backend')}"]
     if "vqa" in result["tasks"]:

@@ -2,7 +2,8 @@
 
 Text LLMs and VLMs go through the same functions: a record is a conversation (typed or string content) with an
 optional list of images, exactly as the training scripts read it; a VLM directory is scored with its saved
-processor, a text LLM with its tokenizer. Everything runs greedy and unsharded on one device.
+processor, a text LLM with its tokenizer. Everything runs greedy and unsharded on one device (pick_device: the GPU
+when there is one), answers in left-padded batches.
 """
 from __future__ import annotations
 
@@ -17,10 +18,22 @@ from semivlm.chat import encode_chat, end_of_turn_ids
 from semivlm.data import RecordError
 
 
-def load_model(path: str, dtype=torch.float32, strict: bool = False):
-    """(model, processor or tokenizer, is_vlm) of a saved directory, in eval mode. Clear errors for a directory that
-    is not a model, a VLM saved without its processor, or an LLM without a tokenizer; strict: also for checkpoint
-    tensors and model weights that do not match by name (vlm.refuse_unmatched)."""
+def pick_device(choice: str = "auto") -> torch.device:
+    """Where evaluation runs: `auto` = the GPU when one is visible, else the CPU (a 3.6B MoE decoding thousands of
+    answers on CPU cores while the job's GPU sits idle is what this avoids); `cuda` without a GPU is an error."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"device '{choice}' is not one of auto, cpu, cuda")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("device: cuda, but no CUDA device is visible (CUDA_VISIBLE_DEVICES, driver?); use auto or cpu")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def load_model(path: str, dtype=torch.float32, strict: bool = False, device: str | torch.device = "cpu"):
+    """(model, processor or tokenizer, is_vlm) of a saved directory, in eval mode on `device`. Clear errors for a
+    directory that is not a model, a VLM saved without its processor, or an LLM without a tokenizer; strict: also for
+    checkpoint tensors and model weights that do not match by name (vlm.refuse_unmatched)."""
     from transformers import AutoModelForCausalLM
 
     from semivlm.model import load_tokenizer
@@ -33,7 +46,7 @@ def load_model(path: str, dtype=torch.float32, strict: bool = False):
             raise SystemExit(f"model '{path}' is a VLM without a processor (no processor_config.json or "
                              "preprocessor_config.json): save the processor beside the weights (processor.save_pretrained)")
         model, processor = vlm.load_vlm(str(d), dtype, strict=strict)
-        return model.eval(), processor, True
+        return model.to(device).eval(), processor, True
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise SystemExit(f"model '{path}' has no tokenizer (tokenizer.json / tokenizer_config.json)")
     try:
@@ -42,7 +55,7 @@ def load_model(path: str, dtype=torch.float32, strict: bool = False):
         raise SystemExit(f"cannot load model '{path}': {str(e).splitlines()[0]}") from None
     if strict:
         vlm.refuse_unmatched(path, info)
-    return model.eval(), load_tokenizer(str(d)), False
+    return model.to(device).eval(), load_tokenizer(str(d)), False
 
 
 def tokenizer_of(processor):

@@ -13,6 +13,7 @@ from conftest import TINY_VISION
 
 from semivlm import evaluation as ev
 from semivlm import vlm
+from semivlm.chat import end_of_turn_ids
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def test_vlm_evaluation_writes_every_metric_report_and_confusion_plot(vlm_dir, p
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "vqa_exact_match" in report and "## VQA by question type" in report
+    assert saved["device"] == "cpu" and saved["headline"]["answers_per_s"] > 0 and "answers/s" in report
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert {x["task"] for x in lines} == {"caption", "vqa", "classify"}
 
@@ -80,3 +82,41 @@ def test_vlm_directory_without_processor_is_a_clear_error(vlm_dir, tmp_path):
         (broken / f).unlink(missing_ok=True)
     with pytest.raises(SystemExit, match="without a processor"):
         ev.load_model(str(broken))
+
+
+def test_batched_generation_gives_the_same_greedy_answers_as_one_by_one(vlm_dir, pipeline):
+    # left padding must not change a greedy answer: batches are only a speed-up
+    model, processor, is_vlm = ev.load_model(str(vlm_dir))
+    rows = [r for r in ev.read_records(data_files(pipeline)) if r[0]["meta"]["task"] in ("caption", "vqa")][:6]
+    prompts = {len(processor.apply_chat_template(ev._prompt_messages(r), tokenize=False)) for r, _ in rows}
+    assert len(prompts) > 1  # prompts of different lengths, so the batch really is padded
+    tok = processor.tokenizer
+    with torch.no_grad():  # the random tiny model writes only newlines: special and blank tokens are barred
+        bias = torch.zeros(model.lm_head.out_features)
+        barred = set(tok.all_special_ids) | set(end_of_turn_ids(tok)) | {model.config.image_token_id}
+        barred |= {i for i in range(len(bias)) if not tok.decode([i]).strip()}
+        bias[sorted(i for i in barred if i < len(bias))] = -1e4
+        model.lm_head.bias = torch.nn.Parameter(bias)
+    side = tok.padding_side
+    one_by_one = ev.generate(model, processor, is_vlm, rows, max_new_tokens=8, batch_size=1)
+    batched = ev.generate(model, processor, is_vlm, rows, max_new_tokens=8, batch_size=4)
+    assert batched == one_by_one and all(one_by_one)
+    assert tok.padding_side == side  # generate() pads left and restores the tokenizer's own side
+
+
+def test_evaluation_device_is_the_gpu_when_one_is_visible(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert ev.pick_device("auto") == torch.device("cuda", 0)
+    assert ev.pick_device("cuda") == torch.device("cuda", 0)
+    assert ev.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ev.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        ev.pick_device("cuda")
+
+
+def test_loaded_model_sits_on_the_device_asked_for(vlm_dir):
+    # "meta" stands in for a GPU on this CPU-only machine: what matters is that load_model moves the weights
+    model, _, _ = ev.load_model(str(vlm_dir), device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
