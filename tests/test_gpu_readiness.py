@@ -190,6 +190,7 @@ main(load_config(PretrainConfig))
 """
 
 
+@pytest.mark.slow  # two 2-process ZeRO-3 launches, each with 30 s of rank-0 work (~3.5 min)
 def test_process_group_timeout_covers_rank0_working_alone(pretrain_args, tmp_path):
     # a real 2-process ZeRO-3 run on gloo: rank 0 spends 30 s alone at export while rank 1 waits in the barrier
     from conftest import REPO, run_script
