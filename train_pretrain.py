@@ -35,7 +35,9 @@ class PretrainConfig(TrainConfig):
 
 
 def load_blocks(path: str, what: str):
-    """A `datasets` directory of fixed-length `input_ids` blocks, as written by data_prep/build_corpus.py."""
+    """A `datasets` directory of fixed-length `input_ids` blocks, as written by data_prep/build_corpus.py: its Arrow
+    shards are memory-mapped (load_from_disk keeps nothing in memory), so a row is read from the page cache when the
+    DataLoader asks for it and resident memory does not grow with the corpus."""
     from datasets import load_from_disk
 
     if not path:
@@ -51,6 +53,14 @@ def load_blocks(path: str, what: str):
     if len(ds) == 0:
         raise SystemExit(f"{what} '{path}' holds no blocks")
     return ds.with_format("torch")
+
+
+def max_token_id(blocks) -> int:
+    """The largest token id, one Arrow chunk at a time (combine_chunks would copy the whole corpus into memory)."""
+    import pyarrow.compute as pc
+
+    return max(int(pc.max(chunk.flatten()).as_py()) for chunk in blocks.data.column("input_ids").chunks
+               if len(chunk))
 
 
 def collate_blocks(rows: list[dict]) -> dict:
@@ -74,7 +84,7 @@ def main(cfg: PretrainConfig) -> dict:
     model = build_causal_lm(cfg.init_from, cfg.model_config, len(tokenizer), accelerator.param_dtype, attn)
     accelerator.print(f"attention {attn} | liger {apply_liger(model, cfg.liger, zero_stage(accelerator))}")
     vocab = model.get_input_embeddings().num_embeddings
-    top_id = int(train_blocks.data.column("input_ids").combine_chunks().flatten().to_numpy().max())
+    top_id = max_token_id(train_blocks)
     if top_id >= vocab:
         raise SystemExit(f"train_data '{cfg.train_data}' holds token id {top_id} but the model's vocabulary has "
                          f"{vocab} entries: was it built with a different tokenizer than '{cfg.tokenizer}'?")

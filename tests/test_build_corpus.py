@@ -416,3 +416,89 @@ def test_parallel_reading_gives_the_same_documents(tmp_path):
     one = main(CorpusConfig(out=str(tmp_path / "one"), inputs=[str(inp)], vocab_size=512))
     two = main(CorpusConfig(out=str(tmp_path / "two"), inputs=[str(inp)], vocab_size=512, num_workers=2))
     assert docs_of(tmp_path / "one") == docs_of(tmp_path / "two") and one["splits"] == two["splits"]
+
+
+# ------------------------------------------------------------------------------------------- streaming at scale
+def test_streamed_blocks_are_the_kept_documents_in_split_order_with_eos_across_shards(tmp_path, monkeypatch):
+    """Tiny flush, batch and shard sizes force many tasks, flushes and shards: the blocks, read back through
+    load_from_disk (memory-mapped), are still the kept documents of each split, in the seeded order, each tokenised
+    and followed by EOS, cut into block_size rows with the last partial row dropped."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    import data_prep.build_corpus as bc
+
+    monkeypatch.setattr(bc, "BATCH_CHARS", 3000)
+    monkeypatch.setattr(bc, "FLUSH_TOKENS", 500)
+    monkeypatch.setattr(bc, "SHARD_BYTES", 4 * 64 * 7)             # 7 blocks a shard
+    inp = small_corpus(tmp_path)
+    for i in range(12):
+        (inp / f"gen{i}.txt").write_text(words(300 + 40 * i, 200 + i))
+    (inp / "gen0_again.md").write_text(words(300, 200).upper())   # an exact duplicate
+    tokenizer_calls = []
+    real_train = bc.train_tokenizer
+    monkeypatch.setattr(bc, "train_tokenizer", lambda texts, *a, **k: tokenizer_calls.append(type(texts)) or
+                        real_train(texts, *a, **k))
+    out = tmp_path / "out"
+    stats = main(CorpusConfig(out=str(out), inputs=[str(inp)], vocab_size=400, block_size=64, num_workers=2))
+    assert tokenizer_calls and tokenizer_calls[0] is not list      # trained from a stream, not a list in memory
+    assert stats["duplicates_removed"]["exact"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "documents.jsonl", "stats.json", "tokenizer",
+                                                     "train", "validation"]          # no temporary files left
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    docs = docs_of(out)
+    order = np.random.default_rng(0).permutation(len(docs))
+    for split in ("train", "validation"):
+        members = [docs[i]["text"] for i in order if docs[i]["split"] == split]
+        flat = [t for text in members for t in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+        ds = datasets.load_from_disk(str(out / split))
+        shards = sorted(p.name for p in (out / split).glob("data-*.arrow"))
+        assert sorted(Path(f["filename"]).name for f in ds.cache_files) == shards   # memory-mapped, not loaded
+        blocks = np.array(ds["input_ids"], dtype=np.int64)
+        n = len(flat) // 64
+        assert blocks.shape == (n, 64) and blocks.ravel().tolist() == flat[:n * 64]
+        assert stats["splits"][split]["tokens"] == len(flat)
+        assert stats["splits"][split]["shards"] == len(shards) == -(-n // 7)
+    assert stats["splits"]["train"]["shards"] > 2
+
+
+def test_binary_junk_and_a_broken_pdf_are_named_and_counted_by_worker_processes(tmp_path, capsys):
+    inp = small_corpus(tmp_path)
+    (inp / "junk.txt").write_bytes(random.Random(1).randbytes(20000))
+    (inp / "junk.md").write_bytes(b"\x00\x01\xfe" * 3000)
+    (inp / "broken.pdf").write_bytes(make_pdf(paper_pages())[:700])
+    stats = main(CorpusConfig(out=str(tmp_path / "out"), inputs=[str(inp)], vocab_size=300, block_size=64,
+                              num_workers=2))
+    log = capsys.readouterr().out
+    assert f"skip {inp / 'junk.txt'}: non_utf8" in log and f"skip {inp / 'broken.pdf'}: unreadable_pdf" in log
+    assert stats["skipped"]["non_utf8"] == 1 + (f"skip {inp / 'junk.md'}: non_utf8" in log)
+    assert stats["documents_kept"] == 3 + (f"skip {inp / 'junk.md'}" not in log)
+
+
+MEMORY_PROBE = """
+import resource, sys
+import data_prep.build_corpus as bc
+bc.BATCH_CHARS, bc.FLUSH_TOKENS = 1 << 17, 1 << 16       # fixed buffers that both corpora fill
+bc.main(bc.CorpusConfig(out=sys.argv[1], inputs=[sys.argv[2]], tokenizer=sys.argv[3], block_size=256))
+print("maxrss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_corpus(default_run, tmp_path):
+    """2 MB and 20 MB of varied text, one process each. Holding the corpus, as the in-memory build did, costs at
+    least its text (1 byte a character) plus 4 bytes per token id (~2.3 characters a token here): > 50 MB more for
+    the larger one. Streaming keeps the difference under the text size alone: its buffers are fixed (shrunk here so
+    that the 2 MB corpus fills them too) and what grows per document is ~100 bytes (digest, offset, length)."""
+    peaks = {}
+    for mb in (2, 20):
+        inp = tmp_path / f"in{mb}"
+        inp.mkdir()
+        total, i = 0, 0
+        while total < mb * 10**6:
+            total += (inp / f"{i}.txt").write_text(words(20000, 1000 * mb + i))
+            i += 1
+        r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / f"out{mb}"), str(inp),
+                            str(default_run[0] / "tokenizer")], capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        peaks[mb] = int(r.stdout.split("maxrss_kib")[-1]) / 1024
+    assert peaks[20] - peaks[2] < 15, peaks
