@@ -392,3 +392,33 @@ def test_gradient_checkpointing_auto_turns_on_when_activations_would_fill_60_per
     vlm.model.vision_tower.requires_grad_(True)
     # 577 patches × 24 layers × 2 bytes × (8·1024 + 2·4096) per image
     assert activation_bytes(vlm, 4, 2048) - frozen == 4 * 577 * 24 * 2 * (8 * 1024 + 2 * 4096)
+
+
+def test_pretraining_reads_build_corpus_shards_memory_mapped_and_trains(pretrain_args, tiny_blocks, tmp_path,
+                                                                       monkeypatch):
+    """A corpus written in several Arrow shards by build_corpus (with the tiny model's tokenizer): load_blocks maps
+    the shards instead of loading them, rows come back in order across shard boundaries, the token-id check reads
+    chunk by chunk, and a short run trains on it."""
+    import numpy as np
+    from datasets import load_from_disk
+
+    import data_prep.build_corpus as bc
+    from train_pretrain import load_blocks, max_token_id
+
+    monkeypatch.setattr(bc, "SHARD_BYTES", 4 * 64 * 10)            # 10 blocks a shard
+    monkeypatch.setattr(bc, "FLUSH_TOKENS", 300)
+    corpus = tmp_path / "corpus"
+    stats = bc.main(bc.CorpusConfig(out=str(corpus), inputs=[str(REPO / "data/corpus")], block_size=64,
+                                    tokenizer=str(tiny_blocks / "tokenizer")))
+    assert stats["splits"]["train"]["shards"] > 3
+    blocks = load_blocks(str(corpus / "train"), "train_data")
+    assert len(blocks) == stats["splits"]["train"]["blocks"]
+    assert {f["filename"] for f in blocks.cache_files} == {str(p) for p in (corpus / "train").glob("data-*.arrow")}
+    plain = np.array(load_from_disk(str(corpus / "train"))["input_ids"])
+    for i in (0, 9, 10, 11, len(blocks) - 1):                        # across shard boundaries
+        assert blocks[i]["input_ids"].tolist() == plain[i].tolist()
+    assert max_token_id(blocks) == plain.max() < 400
+    result = run_in_process(pretrain_args(tmp_path / "run", train_data=str(corpus / "train"),
+                                          eval_data=str(corpus / "validation"), max_steps=6, learning_rate=1e-2))
+    train_losses = losses(result["history"])
+    assert train_losses[6] < train_losses[1], train_losses
