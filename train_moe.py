@@ -427,7 +427,7 @@ def run(cfg: MoEConfig) -> dict:
         accelerator.print(f"held-out classification: {acc['classify_accuracy']:.3f} of {acc['classify_n']} answered "
                           f"exactly (e.g. {acc['examples'][:2]})")
         (Path(cfg.output_dir) / "classification.json").write_text(json.dumps(acc, indent=1) + "\n")
-        accelerator.log({k: acc[k] for k in ("classify_accuracy", "classify_n")}, step=cfg.max_steps)
+        accelerator.log({k: acc[k] for k in ("classify_accuracy", "classify_n")}, step=result["max_steps"])
         result.update({k: acc[k] for k in ("classify_accuracy", "classify_n")})
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -208,9 +208,21 @@ def saved_world_size(checkpoint: Path, state: dict) -> int:
     return int(state.get("world_size") or len(list(checkpoint.glob("random_states_*.pkl"))) or 1)
 
 
-def universal_checkpoint(checkpoint: Path, log=print) -> Path:
+def tied_parameter_names(model) -> list[list[str]]:
+    """Names that share one parameter (tied embeddings: [model.embed_tokens.weight, lm_head.weight]), first the one
+    named_parameters() keeps."""
+    by_param: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(param), []).append(name)
+    return [names for names in by_param.values() if len(names) > 1]
+
+
+def universal_checkpoint(checkpoint: Path, log=print, ties: list[list[str]] = ()) -> Path:
     """`checkpoint/universal/`, converted from the DeepSpeed partitions on first use (main process only; atomic,
-    so an interrupted conversion is redone)."""
+    so an interrupted conversion is redone). DeepSpeed 0.19.8's ZeRO-3 conversion writes a tied parameter under each
+    of its names but only the first holds its values (measured: lm_head.weight differs from model.embed_tokens.weight
+    by 0.13 on a tiny tied Llama), and which one its loader reads is not documented: every alias gets the first
+    name's files."""
     import argparse
     import contextlib
     import io
@@ -228,6 +240,12 @@ def universal_checkpoint(checkpoint: Path, log=print) -> Path:
                               inject_missing_state=False)
     with contextlib.redirect_stdout(io.StringIO()):  # its progress bars and argument dump
         ds_to_universal(args)
+    zero = tmp / MODEL_TAG / "zero"
+    for first, *aliases in ties:
+        for alias in aliases:
+            if (zero / first).is_dir():
+                shutil.rmtree(zero / alias, ignore_errors=True)
+                shutil.copytree(zero / first, zero / alias)
     # the scheduler and RNG states sit beside the engine's tag, where accelerate.load_state looks for them
     for f in list(checkpoint.glob("custom_checkpoint_*.pkl")) + list(checkpoint.glob("random_states_*.pkl")):
         shutil.copy2(f, tmp / f.name)
@@ -241,11 +259,16 @@ def _optimizer_hyperparameters(optimizer) -> list[dict]:
 
 
 def _restore_hyperparameters(optimizer, saved: list[dict], lrs: list[float]) -> None:
-    """DeepSpeed 0.19.8's universal load copies the first saved group's hyperparameters into every group (weight
-    decay 0.0 onto the decayed matrices, or 0.1 onto norms); the run's own, with the scheduler's lr, go back."""
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load. It copies the first saved group's hyperparameters
+    into every group (weight decay 0.0 onto the decayed matrices, or 0.1 onto norms): the run's own, with the
+    scheduler's lr, go back. And it gives every group's state one shared `step` tensor, which torch's AdamW then
+    increments once per group and step (the second group's bias correction runs ahead): each gets its own copy."""
     for group, hyper, lr in zip(optimizer.param_groups, saved, lrs):
         group.update(hyper)
         group["lr"] = lr
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _load_universal_into_plain(accelerator, model, optimizer, scheduler, universal: Path, checkpoint: Path) -> None:
@@ -292,7 +315,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path, 
                          "cannot load it: resume it without DeepSpeed (e.g. python train_x.py, or accelerate launch "
                          "with multi-GPU instead of DeepSpeed), or start a new output_dir with init_from")
     if accelerator.is_main_process:
-        universal_checkpoint(checkpoint, log)
+        universal_checkpoint(checkpoint, log, tied_parameter_names(accelerator.unwrap_model(model)))
     accelerator.wait_for_everyone()
     universal = checkpoint / UNIVERSAL
     what = f"{saved_world} DeepSpeed rank(s) -> {world} {'DeepSpeed ' if now_ds else 'plain '}rank(s)"

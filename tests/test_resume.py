@@ -79,11 +79,12 @@ def test_zero3_run_moved_from_two_ranks_to_one_and_back_sees_the_uninterrupted_s
     history = json.loads((moved / "history.json").read_text())
     assert per_step(history, "lr") == pytest.approx(per_step(straight["history"], "lr"), rel=1e-12)
     # the same losses: weights and Adam moments crossed both moves (a restarted Adam takes a step of ~lr per weight,
-    # which moves the loss of the following step by far more than this tolerance)
+    # which moves the loss of the following step by far more than this tolerance; so does DeepSpeed 0.19.8's shared
+    # `step` tensor, which checkpoint._restore_hyperparameters undoes: 2e-4 at step 4 without it)
     a, b = per_step(straight["history"], "loss"), per_step(history, "loss")
     assert sorted(b) == list(range(1, 7))
     for step in range(1, 7):
-        assert b[step] == pytest.approx(a[step], abs=2e-4), (step, a, b)
+        assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a, b)
 
 
 @pytest.mark.slow
@@ -99,7 +100,7 @@ def test_zero3_checkpoint_resumes_in_one_plain_process_with_its_adam_state(pretr
     assert resumed["max_steps"] == 4 and (tmp_path / "moved/final/model.safetensors").is_file()
     a, b = per_step(straight["history"], "loss"), per_step(resumed["history"], "loss")
     for step in range(1, 5):
-        assert b[step] == pytest.approx(a[step], abs=2e-4), (step, a, b)
+        assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a, b)
     assert per_step(resumed["history"], "lr") == pytest.approx(per_step(straight["history"], "lr"), rel=1e-12)
 
 
