@@ -256,16 +256,28 @@ def test_sft_lora_step0_heldout_loss_equals_plain_transformers(stages, real_mode
 @pytest.mark.slow
 def test_llm_stage_step0_heldout_loss_equals_plain_transformers(stages, inputs):
     """The VLM from the projector stage, read back with plain AutoModelForImageTextToText + AutoProcessor; images
-    through the processor, records rendered by the processor's (string-only ChatML) template."""
+    padded to a square with the normalisation mean (LLaVA-1.5's expand2square, the documented input contract: a
+    micrograph with a data bar is not square, and the processor alone would crop it) and then through the processor;
+    records rendered by the processor's (string-only ChatML) template."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     start = stages["projector"][1] / "final"
     model = AutoModelForImageTextToText.from_pretrained(start, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(start)
-    total, n = 0.0, 0
+    fill = tuple(int(round(255 * m)) for m in processor.image_processor.image_mean)
+
+    def expand2square(image):
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), fill)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        return square
+
+    total, n, non_square = 0.0, 0, 0
     for r in read_jsonl(inputs / "ann/held_out.jsonl"):
-        images = [Image.open(inputs / "ann" / p).convert("RGB") for p in r["images"]]
+        originals = [Image.open(inputs / "ann" / p).convert("RGB") for p in r["images"]]
+        non_square += sum(im.width != im.height for im in originals)
+        images = [expand2square(im) for im in originals]
 
         def encode(text):
             return processor(text=text, images=images or None, return_tensors="pt").input_ids[0].tolist()
@@ -279,6 +291,7 @@ def test_llm_stage_step0_heldout_loss_equals_plain_transformers(stages, inputs):
         total, n = total + s, n + k
     got = step0_eval(stages["llm"][0])
     print(f"\nllm stage step-0 held-out loss {got:.5f} vs plain transformers {total / n:.5f}")
+    assert non_square, "the held-out images should include a data-bar (non-square) micrograph"
     assert abs(got - total / n) <= 1e-3
 
 
