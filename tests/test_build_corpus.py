@@ -484,6 +484,7 @@ print("maxrss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow  # builds two corpora to compare peak memory: ~25 s
 def test_peak_memory_does_not_grow_with_the_corpus(default_run, tmp_path):
     """2 MB and 20 MB of varied text, one process each. Holding the corpus, as the in-memory build did, costs at
     least its text (1 byte a character) plus 4 bytes per token id (~2.3 characters a token here): > 50 MB more for

@@ -227,6 +227,7 @@ def test_command_line_errors_print_one_line_not_a_traceback(tmp_path):
     assert "unknown key 'max_stepz'" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # three training subprocesses: ~11 s
 def test_sigusr1_or_stop_file_checkpoints_and_exits_and_the_rerun_finishes(pretrain_args, tmp_path):
     import signal
     import subprocess

@@ -143,8 +143,11 @@ def test_dpo_caches_reference_logprobs_and_a_resumed_run_reuses_them(sft_inputs,
 
 @pytest.mark.parametrize("broken, message", [
     ({"messages": [{"role": "user", "content": "What is CMP?"}]}, "no assistant"),
-    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]}, "empty"),
-    ({"messages": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}]}, "order"),
+    # a train_sft.py subprocess each (~7 s): the fast suite keeps the first
+    pytest.param({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]}, "empty",
+                 marks=pytest.mark.slow),
+    pytest.param({"messages": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}]}, "order",
+                 marks=pytest.mark.slow),
 ])
 def test_bad_records_stop_the_run_with_one_line_naming_the_record(sft_inputs, tmp_path, broken, message):
     rows = list(read_jsonl(sft_inputs / "instr/instructions.jsonl"))[:20]

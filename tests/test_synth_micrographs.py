@@ -234,6 +234,7 @@ def logistic_accuracy(x_train, y_train, x_test, y_test, l2=0.01, steps=800, lr=0
     return float(((x_test @ w + b).argmax(1) == y_test).mean())
 
 
+@pytest.mark.slow  # renders and measures a few hundred micrographs: ~11 s
 def test_trivial_statistics_do_not_tell_categories_apart_but_morphology_does():
     """40 images per category rendered at 256 px and seen as 128 px thumbnails (data bar cropped); 27 per category
     train, 13 test. Same learner for both feature sets."""

@@ -188,6 +188,7 @@ def test_image_dpo_runs_through_the_sft_objective_against_the_llm_stage(three_st
     assert (out / "dpo_reference_logps.json").is_file() and result["final_dir"]
 
 
+@pytest.mark.slow  # a train_moe.py subprocess: ~12 s
 def test_a_record_with_more_placeholders_than_images_stops_with_one_line_naming_it(vlm_inputs, tmp_path):
     rows = list(read_jsonl(vlm_inputs / "annotations/captions.jsonl"))
     bad = json.loads(json.dumps(rows[3]))
