@@ -105,6 +105,7 @@ def compare(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     table = metrics.markdown_table(rows, columns)
     text = f"# {cfg.name or 'Comparison'}\n\n## Held-out metrics\n\n{table}"
+    text += examples_section(cfg.compare)
     training = [training_summary(d) for d in cfg.training]
     if training:
         columns = ["stage", "steps", "train_loss", "eval_loss", "tokens_per_s", "mfu_percent", "peak_mem_gib",
@@ -116,6 +117,30 @@ def compare(cfg: EvalConfig) -> dict:
     ev.save_json(out / "comparison.json", {"evaluations": rows, "training": training})
     print(text)
     return {"rows": rows, "training": training}
+
+
+def examples_section(eval_dirs: list[str], per_task: int = 3) -> str:
+    """What the models say: the first `per_task` caption and VQA records that every evaluation answered, each
+    model's answer beside the reference, so a reader sees the text behind the metrics."""
+    answers = {}  # eval dir -> {(task, id): prediction}
+    refs: dict[tuple, str] = {}
+    for d in eval_dirs:
+        path = Path(d) / "predictions.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        answers[d] = {(r["task"], r["id"]): r["prediction"] for r in rows}
+        refs.update({(r["task"], r["id"]): r["reference"] for r in rows})
+    text = ""
+    for task in ("caption", "vqa"):  # among the evaluations of that task (a text-only LLM's has none)
+        dirs = [d for d in eval_dirs if any(k[0] == task for k in answers[d])]
+        keys = [k for k in refs if k[0] == task and all(k in answers[d] for d in dirs)][:per_task]
+        if not keys:
+            continue
+        text += f"\n## Example {'captions' if task == 'caption' else 'VQA answers'}\n"
+        for k in keys:
+            text += f"\n`{k[1]}` reference: {refs[k]}\n\n"
+            text += "".join(f"- **{json.loads((Path(d) / 'metrics.json').read_text()).get('name', d)}**: "
+                            f"{answers[d][k] or '(empty)'}\n" for d in dirs)
+    return text
 
 
 def training_summary(run_dir: str) -> dict:

@@ -70,9 +70,25 @@ def test_comparison_puts_runs_side_by_side(tmp_path):
     for name, top1 in (("dense", 0.5), ("moe", 0.75)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps({"name": name, "headline": {"top1": top1, "bleu4": 0.1}}))
-    main(EvalConfig(compare=[str(tmp_path / "dense"), str(tmp_path / "moe")], output_dir=str(tmp_path / "cmp")))
+        # four captions and a VQA answer each; caption c3 only the dense model answered
+        rows = [{"id": f"c{i}", "task": "caption", "prediction": f"{name} caption {i}", "reference": f"ref caption {i}"}
+                for i in range(4 if name == "dense" else 5) if not (name == "moe" and i == 3)]
+        rows.append({"id": "q0", "task": "vqa", "prediction": f"{name} answer", "reference": "ref answer"})
+        (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "text").mkdir()  # a text-only LLM's evaluation: no caption or VQA answers to show
+    (tmp_path / "text/metrics.json").write_text(json.dumps({"name": "sft", "headline": {"ppl": 9.0}}))
+    (tmp_path / "text/predictions.jsonl").write_text(json.dumps({"id": "t0", "task": "instruction", "prediction": "a",
+                                                                  "reference": "b"}) + "\n")
+    main(EvalConfig(compare=[str(tmp_path / d) for d in ("text", "dense", "moe")], output_dir=str(tmp_path / "cmp")))
     table = (tmp_path / "cmp/report.md").read_text()
+    assert "**sft**" not in table
     assert "| dense" in table and "| moe" in table and "0.75" in table and "top1" in table
+    # three captions that both models answered, each model's answer under its reference, then the VQA answer
+    captions = table.split("## Example captions")[1].split("## Example VQA answers")[0]
+    assert [line for line in captions.splitlines() if "reference:" in line] == [
+        f"`c{i}` reference: ref caption {i}" for i in (0, 1, 2)]
+    assert "- **dense**: dense caption 2\n- **moe**: moe caption 2" in captions
+    assert "`q0` reference: ref answer" in table and "- **moe**: moe answer" in table
 
 
 def test_vlm_directory_without_processor_is_a_clear_error(vlm_dir, tmp_path):
