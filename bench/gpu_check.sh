@@ -2,9 +2,10 @@
 # The GPU check: what issue 17 and 18 ask the first GPU run to measure, in one command of at most ~8 minutes on one
 # H100, ending in one table.
 #   1. bench/bench_stages.py --shape real: every stage, the loop against a plain HF loop, then ZeRO-2 and ZeRO-3;
-#   2. the SmolLM2 VLM stages (projector, llm with LoRA, moe) on one GPU under DeepSpeed ZeRO-2 and ZeRO-3, through
-#      accelerate launch, on synthetic micrographs; paths a CPU cannot run (bf16, flash/SDPA on CUDA, Liger, grouped_mm
-#      experts, the classification check on the device) run here for real;
+#   2. SmolLM2-shaped packed chat SFT (LoRA) and the VLM stages (projector, llm with LoRA, moe) on one GPU under
+#      DeepSpeed ZeRO-2 and ZeRO-3, through accelerate launch, on synthetic micrographs; paths a CPU cannot run (bf16,
+#      flash-attn varlen when installed, SDPA on CUDA, Liger, grouped_mm experts, fp32 gradient accumulation,
+#      gradient_checkpointing auto, the classification check on the device) run here for real;
 #   3. evaluate.py of the MoE VLM on the GPU (answers/s).
 #
 # On the dev machine, once (puts what travels into .whl/ and .gpu_carry/, both git-ignored, ~30 MB):
@@ -76,12 +77,21 @@ for f in shape.iterdir():
         shutil.copy(f, out / f.name)
 print(f"random-init {type(model).__name__} of {shape}: {sum(p.numel() for p in model.parameters()):,} parameters")
 EOF
+"$PY" data_prep/build_corpus.py --out "$RUN/corpus" --tokenizer "$RUN/base" --block_size 512 >> "$RUN/data.log"
+"$PY" data_prep/make_instructions.py --documents "$RUN/corpus/documents.jsonl" --out "$RUN/instructions" >> "$RUN/data.log"
 A=$RUN/annotations
 DATA="[$A/captions.jsonl,$A/vqa.jsonl,$A/classify.jsonl]"
 common=(--max_steps $STEPS --micro_batch_size $MICRO --warmup_steps 2 --eval_every 0 --eval_batches 2 --save_every 0
         --log_every 5 --max_length 256 --classify_eval 32 --classify_data "$A/classify.jsonl")
 for zero in "${ZEROS[@]}"; do
     launch=("${ACCELERATE[@]}" --num_processes 1 --use_deepspeed --deepspeed_config_file "ds_configs/$zero.json")
+    # packed chat SFT: under flash-attn (when installed) the rows reach the kernel as one sequence per record
+    stamp "$zero sft (packed)"
+    timeout 240 "${launch[@]}" train_sft.py --config launch/configs/smollm2_cpu/sft.yaml --output_dir "$RUN/$zero/sft" \
+        --init_from "$RUN/base" --train_data "$RUN/instructions/instructions.jsonl" --max_steps $STEPS --micro_batch_size \
+        $MICRO --eval_every 0 --save_every 0 --log_every 5 --ds_config "ds_configs/$zero.json" \
+        > "$OUTDIR/${zero}_sft.log" 2>&1 && cp "$RUN/$zero/sft/history.json" "$OUTDIR/${zero}_sft_history.json" ||
+        { echo "$zero sft failed: tail of $OUTDIR/${zero}_sft.log"; tail -5 "$OUTDIR/${zero}_sft.log"; }
     prev=$RUN/base
     for stage in projector llm moe; do
         out=$RUN/$zero/$stage
