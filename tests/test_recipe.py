@@ -141,7 +141,7 @@ def test_unknown_stage_and_missing_config_dir_are_clear_errors(tmp_path):
     assert p.returncode == 2 and "does not exist" in p.stderr
 
 
-CONFIG_CLASSES = {"corpus": ("data_prep.build_corpus", "CorpusConfig"),
+CONFIG_CLASSES = {"base": ("data_prep.gguf_to_hf", "GGUFConfig"), "corpus": ("data_prep.build_corpus", "CorpusConfig"),
                   "micrographs": ("data_prep.synth_micrographs", "SynthConfig"),
                   "ingest": ("data_prep.ingest", "IngestConfig"), "annotate": ("data_prep.annotate", "AnnotateConfig"),
                   "instructions": ("data_prep.make_instructions", "InstructionsConfig"),
