@@ -25,8 +25,9 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # the unit tests only, without the `slow` ones (whole recipe, 2-process launches, long trainings, GPTQ exports)
+# the unit tests on both cores (pytest-xdist): no whole recipe, 2-process launches, real-model or long trainings
 test-fast: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" -n 2 tests
 
 # the whole recipe on the built-in corpus and synthetic micrographs (offline teachers), CPU; a rerun skips what is done
 demo: setup
