@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO, reset_accelerate, run_script
+from conftest import EPS32, REPO, fp32_sum_tol, reset_accelerate, run_script
 
 from semivlm.config import load_config
 from train_pretrain import PretrainConfig, main
@@ -174,9 +174,13 @@ def test_gradient_is_a_token_mean_whatever_the_accumulation_split(tiny_blocks, t
                                              ignore_index=-100)
     loss.backward()
     reference = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
-    assert loss_1x8 == pytest.approx(loss.item(), abs=1e-5) and loss_4x2 == pytest.approx(loss.item(), abs=1e-5)
-    assert norm_1x8 == pytest.approx(reference, rel=1e-4)
-    assert norm_4x2 == pytest.approx(reference, rel=1e-4)
+    # the three sum the same per-token terms in other orders (and batch shapes): a token-mean of n_tok cross-entropies,
+    # each a logsumexp over the vocabulary, and every gradient entry a sum over the step's n_tok tokens
+    n_tok = int((batch["labels"][:, 1:] != -100).sum())
+    loss_tol = fp32_sum_tol(n_tok + config.vocab_size, loss.item())
+    assert loss_1x8 == pytest.approx(loss.item(), abs=loss_tol) and loss_4x2 == pytest.approx(loss.item(), abs=loss_tol)
+    assert norm_1x8 == pytest.approx(reference, rel=n_tok * EPS32)
+    assert norm_4x2 == pytest.approx(reference, rel=n_tok * EPS32)
 
 
 def test_lora_run_exports_a_merged_model_that_plain_transformers_loads_and_logs_tensorboard(pretrain_args, tmp_path, tiny_blocks):
