@@ -33,8 +33,8 @@ from semivlm.config import load_config
 from semivlm.data import exit_on_bad_record, record_task
 
 # headline metrics of one run, in the order the comparison table shows them
-HEADLINE = ["perplexity", "corpus_perplexity", "bleu4", "meteor", "rouge_l", "cider", "vqa_exact_match",
-            "vqa_token_f1", "top1", "top5", "size_mb", "answers_per_s"]
+HEADLINE = ["perplexity", "answer_perplexity", "corpus_perplexity", "bleu4", "meteor", "rouge_l", "cider",
+            "vqa_exact_match", "vqa_token_f1", "class_accuracy", "top1", "top5", "size_mb", "answers_per_s"]
 
 
 @dataclass
@@ -54,6 +54,9 @@ class EvalConfig:
     name: str = ""  # this run's label in comparisons (default: the model directory)
     compare: list[str] = field(default_factory=list)  # evaluation output dirs to tabulate instead of evaluating
     training: list[str] = field(default_factory=list)  # with compare: training output dirs, one row each (history.json)
+    # with compare: targets checked in the report, "RUN.METRIC": ">= 0.92" or relative to another run's value,
+    # ">= moe - 0.02", "<= moe * 1.25"; a goal whose run or metric is missing is reported as not measured
+    goals: dict = field(default_factory=dict)
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the GPU when one is visible, else the CPU
 
@@ -105,6 +108,8 @@ def compare(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     table = metrics.markdown_table(rows, columns)
     text = f"# {cfg.name or 'Comparison'}\n\n## Held-out metrics\n\n{table}"
+    if cfg.goals:
+        text += goals_section(rows, cfg.goals)
     text += examples_section(cfg.compare)
     training = [training_summary(d) for d in cfg.training]
     if training:
@@ -117,6 +122,32 @@ def compare(cfg: EvalConfig) -> dict:
     ev.save_json(out / "comparison.json", {"evaluations": rows, "training": training})
     print(text)
     return {"rows": rows, "training": training}
+
+
+def goals_section(rows: list[dict], goals: dict) -> str:
+    """Each goal beside the measured value: met or not, and by how much (measured minus target)."""
+    by_run = {r["run"]: r for r in rows}
+    lines = []
+    for key, rule in goals.items():
+        run, _, metric = key.partition(".")
+        op, _, expr = str(rule).strip().partition(" ")
+        parts = expr.split()
+        if op not in (">=", "<=") or len(parts) not in (1, 3) or (len(parts) == 3 and parts[1] not in "+-*"):
+            raise SystemExit(f"goals: '{key}: {rule}' is not '>= NUMBER' or '<= RUN.METRIC-RUN (+|-|*) NUMBER'")
+        try:
+            number = float(parts[-1])
+        except ValueError:
+            raise SystemExit(f"goals: '{key}: {rule}': '{parts[-1]}' is not a number") from None
+        measured = by_run.get(run, {}).get(metric)
+        base = by_run.get(parts[0], {}).get(metric) if len(parts) == 3 else number
+        if measured is None or base is None:
+            lines.append({"goal": f"{key} {rule}", "measured": None, "target": None, "met": "not measured"})
+            continue
+        target = base if len(parts) == 1 else {"+": base + number, "-": base - number, "*": base * number}[parts[1]]
+        met = measured >= target if op == ">=" else measured <= target
+        lines.append({"goal": f"{key} {rule}", "measured": measured, "target": target,
+                      "met": "yes" if met else f"no, by {abs(measured - target):.3g}"})
+    return "\n## Goals\n\n" + metrics.markdown_table(lines, ["goal", "measured", "target", "met"]) + "\n"
 
 
 def examples_section(eval_dirs: list[str], per_task: int = 3) -> str:
@@ -197,17 +228,17 @@ def main(cfg: EvalConfig) -> dict:
     predictions, headline = [], {}
     gen_time, gen_count = 0.0, 0
 
-    def answers(task):
+    def answers(task, max_new_tokens=cfg.max_new_tokens, label=""):
         nonlocal gen_time, gen_count
         t0 = time.perf_counter()
-        preds = ev.generate(model, processor, is_vlm, limited[task], cfg.max_new_tokens, cfg.batch_size,
+        preds = ev.generate(model, processor, is_vlm, limited[task], max_new_tokens, cfg.batch_size,
                             progress_printer(f"{task} answers"))
         elapsed = time.perf_counter() - t0
         gen_time, gen_count = gen_time + elapsed, gen_count + len(preds)
         print(f"  {task}: {len(preds)} answers in {elapsed:.1f}s = {len(preds) / max(elapsed, 1e-9):.2f} answers/s on "
               f"{device}", flush=True)
         refs = [ev.reference(r) for r, _ in limited[task]]
-        predictions.extend({"id": r.get("id"), "task": task, "prediction": p, "reference": ref}
+        predictions.extend({"id": r.get("id"), "task": label or task, "prediction": p, "reference": ref}
                            for (r, _), p, ref in zip(limited[task], preds, refs))
         return preds, refs
 
@@ -242,14 +273,22 @@ def main(cfg: EvalConfig) -> dict:
             m["plot"] = metrics.plot_confusion(m["confusion"], classes, out / "confusion.png")
             predictions.extend({"id": r.get("id"), "task": "classify", "prediction": classes[int(s.argmax())],
                                 "reference": ref} for (r, _), s, ref in zip(rows, scores, refs))
+            # the answer a user reads: generated, then matched to the reference (as train_moe.py's class accuracy)
+            preds, _ = answers("classify", max_new_tokens=12, label="classify_generated")
+            m["generated_accuracy"] = sum(map(ev.same_class_answer, preds, refs)) / len(refs)
             result["tasks"]["classify"] = m
-            headline.update(top1=m["top1"], top5=m["top5"])
+            headline.update(class_accuracy=m["generated_accuracy"], top1=m["top1"], top5=m["top5"])
 
         # ---- perplexity: reference answers of the text instructions, and the corpus blocks
         if "instruction" in limited:
             m = ev.answer_perplexity(model, processor, is_vlm, limited["instruction"], cfg.max_length, cfg.batch_size)
             result["tasks"]["instruction"] = m
             headline["perplexity"] = m["perplexity"]
+        # the reference answers of the image tasks, scored: what quantisation costs shows here first
+        if is_vlm and (scored := [x for t in ("caption", "vqa") for x in limited.get(t, [])]):
+            m = ev.answer_perplexity(model, processor, is_vlm, scored, cfg.max_length, cfg.batch_size)
+            result["tasks"]["image_answers"] = m
+            headline["answer_perplexity"] = m["perplexity"]
         if cfg.corpus:
             from datasets import load_from_disk
 

@@ -156,7 +156,7 @@ if has gptq && [[ -n $FINAL ]]; then
     fi
 fi
 if ((${#EVALS[@]})); then
-    add report "$RUN/report.md" "$PYTHON" evaluate.py --compare "[$(IFS=,; echo "${EVALS[*]}")]" --output_dir "$RUN" \
+    add report "$RUN/report.md" "$PYTHON" evaluate.py --config "$CFG/evaluate.yaml" --compare "[$(IFS=,; echo "${EVALS[*]}")]" --output_dir "$RUN" \
         --training "[$(IFS=,; echo "${TRAINED[*]/#/$RUN/}")]" --name "$RUN"
 fi
 ((${#STAGES[@]})) || { echo "recipe: no stage YAML in $CFG" >&2; exit 2; }

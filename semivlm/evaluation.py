@@ -131,6 +131,11 @@ def generate(model, processor, is_vlm: bool, records: list[tuple[dict, Path]], m
     return answers
 
 
+def same_class_answer(answer: str, reference: str) -> bool:
+    """A generated class answer names the reference category: equal up to case, spacing and a final full stop."""
+    return " ".join(answer.lower().split()).strip(" .") == " ".join(reference.lower().split()).strip(" .")
+
+
 def encode_for_scoring(processor, is_vlm: bool, record: dict, root: Path, max_length: int, cache: dict | None = None):
     """input_ids/labels (+ pixel_values) of a record with the loss on its last assistant turn, as training encodes it."""
     if is_vlm:

@@ -36,7 +36,8 @@ def test_vlm_evaluation_writes_every_metric_report_and_confusion_plot(vlm_dir, p
     result = main(EvalConfig(model=str(vlm_dir), data=data_files(pipeline), output_dir=str(out), split="",
                              max_new_tokens=8, metrics_backend="python"))
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("bleu4", "rouge_l", "cider", "vqa_exact_match", "vqa_token_f1", "top1", "top5", "size_mb"):
+    for key in ("bleu4", "rouge_l", "cider", "vqa_exact_match", "vqa_token_f1", "top1", "top5", "size_mb",
+                "class_accuracy", "answer_perplexity"):
         assert key in saved["headline"], key
     assert 0.0 <= saved["headline"]["top1"] <= saved["headline"]["top5"] <= 1.0
     cls = saved["tasks"]["classify"]
@@ -46,7 +47,18 @@ def test_vlm_evaluation_writes_every_metric_report_and_confusion_plot(vlm_dir, p
     assert "vqa_exact_match" in report and "## VQA by question type" in report
     assert saved["device"] == "cpu" and saved["headline"]["answers_per_s"] > 0 and "answers/s" in report
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert {x["task"] for x in lines} == {"caption", "vqa", "classify"}
+    assert {x["task"] for x in lines} == {"caption", "vqa", "classify", "classify_generated"}
+    generated = [x for x in lines if x["task"] == "classify_generated"]
+    assert len(generated) == 4 and saved["headline"]["class_accuracy"] == pytest.approx(
+        sum(ev.same_class_answer(x["prediction"], x["reference"]) for x in generated) / 4)
+    # the caption and VQA reference answers scored: a random tiny model is far from certain of them
+    assert saved["tasks"]["image_answers"]["tokens"] > 0 and saved["headline"]["answer_perplexity"] > 1.0
+
+
+def test_generated_class_answer_matches_up_to_case_spacing_and_full_stop():
+    assert ev.same_class_answer("  Porous   Sponge. ", "porous sponge")
+    assert not ev.same_class_answer("porous sponges", "porous sponge")
+    assert not ev.same_class_answer("a porous sponge", "porous sponge")
 
 
 def test_classifier_picks_the_class_the_model_is_made_to_prefer(vlm_dir, pipeline):
@@ -89,6 +101,27 @@ def test_comparison_puts_runs_side_by_side(tmp_path):
         f"`c{i}` reference: ref caption {i}" for i in (0, 1, 2)]
     assert "- **dense**: dense caption 2\n- **moe**: moe caption 2" in captions
     assert "`q0` reference: ref answer" in table and "- **moe**: moe answer" in table
+
+
+def test_report_checks_each_goal_and_says_by_how_much_it_is_missed(tmp_path):
+    from evaluate import EvalConfig, main
+
+    for name, head in (("moe", {"class_accuracy": 0.5, "meteor": 0.4, "answer_perplexity": 10.0}),
+                       ("gptq", {"class_accuracy": 0.49, "answer_perplexity": 13.0})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"name": name, "headline": head}))
+    goals = {"moe.class_accuracy": ">= 0.92", "moe.meteor": ">= 0.35", "moe.bleu4": ">= 0.15",
+             "gptq.class_accuracy": ">= moe - 0.02", "gptq.answer_perplexity": "<= moe * 1.25"}
+    main(EvalConfig(compare=[str(tmp_path / "moe"), str(tmp_path / "gptq")], output_dir=str(tmp_path), goals=goals))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]]
+            for line in (tmp_path / "report.md").read_text().split("## Goals")[1].splitlines() if line.count("|") > 4}
+    assert rows["moe.class_accuracy >= 0.92"][2] == "no, by 0.42"
+    assert rows["moe.meteor >= 0.35"][2] == "yes"
+    assert rows["moe.bleu4 >= 0.15"][2] == "not measured"  # a metric the run lacks is never counted as met
+    assert rows["gptq.class_accuracy >= moe - 0.02"][2] == "yes"  # 0.49 against 0.48
+    assert rows["gptq.answer_perplexity <= moe * 1.25"][2] == "no, by 0.5"  # 13 against 12.5
+    with pytest.raises(SystemExit, match="goals: 'moe.top1: > 1'"):
+        main(EvalConfig(compare=[str(tmp_path / "moe")], output_dir=str(tmp_path), goals={"moe.top1": "> 1"}))
 
 
 def test_vlm_directory_without_processor_is_a_clear_error(vlm_dir, tmp_path):
