@@ -395,3 +395,166 @@ def routing_scalars(summary: dict) -> dict[str, float]:
             out.update({f"{prefix}/{modality}/expert{e}": share for e, share in enumerate(layer[modality] or [])})
         out[f"{prefix}/aux_loss"] = layer["aux_loss_mean"]
     return out
+
+
+# ---------------------------------------------------------------- experts as per-expert Linears (LoRA dropout, QLoRA)
+#
+# transformers 5.17 stores each MoE block's experts as two fused 3-D parameters. PEFT reaches them only through
+# `target_parameters` (ParamWrapper: W + s·B·A formed per forward, no dropout, since dropout(x) cannot be factored
+# out of a merged weight), and bitsandbytes quantises nn.Linear modules, not 3-D tensors. So for expert-LoRA dropout
+# and for nf4 the fused module is swapped for E small SwiGLU MLPs of nn.Linear (`unfuse_experts`), whose forward is
+# the eager fused forward term by term, and swapped back for the export (`fuse_experts`), which writes plain
+# Mixtral/Qwen3Moe weights. The cost: no grouped_mm for these runs (the eager per-expert loop, which is what the fused
+# module runs on CPU anyway), and, transiently while converting one block, a second copy of its expert weights.
+
+class ExpertMLP(torch.nn.Module):
+    """One expert: down(act(gate(x)) * up(x)), the rows of the fused gate_up_proj / down_proj of its index."""
+
+    def __init__(self, hidden: int, intermediate: int, act_fn, dtype, device):
+        super().__init__()
+        kw = {"bias": False, "dtype": dtype, "device": device}
+        self.gate_proj = torch.nn.Linear(hidden, intermediate, **kw)
+        self.up_proj = torch.nn.Linear(hidden, intermediate, **kw)
+        self.down_proj = torch.nn.Linear(intermediate, hidden, **kw)
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class UnfusedExperts(torch.nn.ModuleList):
+    """The fused experts module as a list of ExpertMLP (parameter names `experts.<e>.gate_proj.weight`, ...): called
+    like the fused module, (hidden_states, top_k_index, top_k_weights) -> hidden_states, and computing what its eager
+    forward computes. The emptied fused module is kept (outside the module tree) to be refilled by `fuse_experts`."""
+
+    def __init__(self, fused: torch.nn.Module):
+        e, two_i, h = fused.gate_up_proj.shape
+        i = two_i // 2
+        w = fused.gate_up_proj
+        super().__init__(ExpertMLP(h, i, fused.act_fn, w.dtype, w.device) for _ in range(e))
+        with torch.no_grad():
+            for k, expert in enumerate(self):
+                expert.gate_proj.weight.copy_(fused.gate_up_proj[k, :i])
+                expert.up_proj.weight.copy_(fused.gate_up_proj[k, i:])
+                expert.down_proj.weight.copy_(fused.down_proj[k])
+        self.num_experts = e
+        self._fused = (fused,)  # a tuple: not registered as a submodule, so not in state_dict/parameters
+        for name in ("gate_up_proj", "down_proj"):  # the fused copy is freed; fuse_experts gives it new tensors
+            setattr(fused, name, torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit[:, 0].tolist():
+            top_k_pos, token_idx = torch.where(expert_mask[e])
+            out = self[e](hidden_states[token_idx]) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+
+def unfuse_experts(model) -> int:
+    """Replace every MoE block's fused experts by UnfusedExperts (in place); returns the number of blocks. The model
+    must be whole on this process (not ZeRO-3-partitioned)."""
+    blocks = _moe_blocks(model)
+    for _, _, block in blocks:
+        if not isinstance(block.experts, UnfusedExperts):
+            if getattr(block.experts, "ds_id", None) is not None or getattr(block.experts.gate_up_proj, "ds_id", None):
+                raise ValueError("unfuse_experts needs whole (not ZeRO-3-partitioned) expert weights")
+            block.experts = UnfusedExperts(block.experts)
+    return len(blocks)
+
+
+def fuse_experts(model) -> int:
+    """The inverse of `unfuse_experts` for plain (merged, unquantised) per-expert Linears: each block gets its
+    transformers experts module back, filled with the stacked weights; returns the number of blocks."""
+    blocks = _moe_blocks(model)
+    for _, _, block in blocks:
+        if isinstance(block.experts, UnfusedExperts):
+            unfused, (fused,) = block.experts, block.experts._fused
+            for e in unfused:
+                if any(type(m) is not torch.nn.Linear for m in (e.gate_proj, e.up_proj, e.down_proj)):
+                    raise ValueError(f"fuse_experts needs plain nn.Linear experts (merge LoRA, export unquantised), "
+                                     f"got {type(e.gate_proj).__name__}")
+            with torch.no_grad():
+                fused.gate_up_proj = torch.nn.Parameter(torch.stack(
+                    [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in unfused]))
+                fused.down_proj = torch.nn.Parameter(torch.stack([e.down_proj.weight for e in unfused]))
+            block.experts = fused
+    return len(blocks)
+
+
+# LoRA targets on per-expert Linears, and on the decoder's attention (QLoRA under train_attention)
+EXPERT_LORA_TARGETS = r".*\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)"
+ATTENTION_LORA_TARGETS = r".*language_model.*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+def unfused_expert_lora_config(r: int, alpha: int, dropout: float, attention: bool = False):
+    """Standard PEFT LoRA (with dropout) on every per-expert Linear of `unfuse_experts`, and on attention if asked."""
+    from peft import LoraConfig
+
+    targets = f"({EXPERT_LORA_TARGETS}|{ATTENTION_LORA_TARGETS})" if attention else EXPERT_LORA_TARGETS
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+
+
+# ---------------------------------------------------------------- QLoRA: nf4 decoder layers
+
+def check_nf4(device) -> str:
+    """bitsandbytes importable and able to quantise to nf4 and run a 4-bit matmul on `device`; returns its version.
+    Raises SystemExit with one line otherwise."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise SystemExit(f"quantization: nf4 needs bitsandbytes (pip install bitsandbytes==0.50.2): {e}") from None
+    try:
+        probe = nf4_linear(torch.nn.Linear(64, 64, bias=False), device)
+        probe(torch.ones(2, 64, device=device))
+    except Exception as e:  # noqa: BLE001  (each backend fails its own way: NotImplementedError, RuntimeError, ...)
+        raise SystemExit(f"quantization: nf4: bitsandbytes {bnb.__version__} cannot quantise or run 4-bit layers on "
+                         f"device '{device}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return bnb.__version__
+
+
+def nf4_linear(linear: torch.nn.Linear, device):
+    """`linear` as a bitsandbytes Linear4bit: nf4, double quantisation (compress_statistics), bf16 compute,
+    quantised on `device` (bitsandbytes quantises when the weight first moves to a device)."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta")
+    q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                 module=q).to(device)
+    if linear.bias is not None:
+        q.bias = torch.nn.Parameter(linear.bias.data.to(device), requires_grad=False)
+    return q
+
+
+def quantize_nf4(model, device) -> int:
+    """Every nn.Linear inside the decoder layers (attention, dense MLPs, per-expert Linears after `unfuse_experts`)
+    replaced by its nf4 Linear4bit, in place; returns how many. Routers (plain parameters), embeddings, lm_head,
+    norms, the projector and the vision tower keep their precision."""
+    layer = re.compile(r"(^|\.)layers\.\d+\.")  # decoder layers of a causal LM or of a Llava's language model
+    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and layer.search(n)
+             and "vision_tower" not in n and "multi_modal_projector" not in n]
+    for name in names:
+        parent, child = name.rsplit(".", 1)
+        owner = model.get_submodule(parent)
+        setattr(owner, child, nf4_linear(getattr(owner, child), device))
+    model.is_loaded_in_4bit = True  # what PEFT reads to wrap Linear4bit targets with its bnb LoRA layers
+    return len(names)
+
+
+def parameter_bytes(model) -> int:
+    """Bytes the model's weights occupy as held: each tensor's storage, plus the nf4 quantisation state (absmax and
+    its double-quantised statistics) bitsandbytes keeps beside the packed 4-bit weights."""
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * p.element_size()
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            total += qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
+            if qs.state2 is not None:
+                total += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+                total += qs.state2.code.numel() * qs.state2.code.element_size()
+    return total
