@@ -140,6 +140,41 @@ def test_exact_and_near_duplicates_are_removed_and_a_different_document_is_kept(
     assert stats["documents_kept"] == 3
 
 
+def reference_minhash(text: str, shingle: int = 5, num_perm: int = 128) -> list[int]:
+    """MinHash as its docstring defines it, in plain Python integers: the set of word 5-grams (each the polynomial
+    mod 2^64 of its words' CRC32s; fewer words than a shingle make one gram), then per permutation the min over the
+    set of ((a*x + b) mod 2^64) >> 32."""
+    import re
+    import zlib
+
+    from data_prep.build_corpus import _hash_params
+
+    h = [zlib.crc32(w.encode()) for w in re.findall(r"\w+", text.lower())]
+    grams = set()
+    for i in range(max(1, len(h) - shingle + 1)):
+        v = 0
+        for k in range(min(shingle, len(h))):
+            v = (v * 0x100000001B3 + h[i + k]) % 2**64
+        grams.add(v)
+    a, b = (p.tolist() for p in _hash_params(num_perm))
+    return [min(((aj * x + bj) % 2**64) >> 32 for x in grams) for aj, bj in zip(a, b)]
+
+
+def test_minhash_equals_the_plain_python_definition_on_short_long_repeated_and_non_ascii_text():
+    """The numpy signature (in-place buffer of 1024 grams, shift after the min, no np.unique) is bit-identical to the
+    definition: near-duplicate decisions do not depend on the fast path."""
+    from data_prep.build_corpus import minhash
+
+    texts = ["", "three short words", words(1024 + 4, 7),                   # 1024 grams: exactly one full buffer
+             words(2500, 8), (words(300, 9) + " ") * 4,                  # > 2 buffers; every gram repeated 4 times
+             "Ätzrate der Schicht: 日本語 の テキスト, naïve façade " + words(40, 10)]
+    for text in texts:
+        sig = minhash(text)
+        assert sig.dtype == np.uint64 and sig.shape == (128,)
+        assert sig.tolist() == reference_minhash(text), text[:40]
+    assert minhash(texts[3]).tolist() != minhash(texts[2]).tolist()
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_inputs_are_skipped_counted_by_reason_and_named_while_the_run_continues(tmp_path, capsys):
     import pypdf
