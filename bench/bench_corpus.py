@@ -8,12 +8,14 @@
 The corpus: .txt/.md files of 20-200 KB built from 4-word fragments of the built-in corpus (data/corpus), each
 followed by a random number and unit, so that documents share vocabulary but few word 5-shingles (as different papers
 do); 2 % are exact duplicates of an earlier file (upper case, other line breaks) and 2 % near duplicates (one word in
-100 changed). It is written once under --work and reused while its size and seed match. The tokenizer is the debug
-recipe's (byte-level BPE, vocabulary 2048, trained on data/corpus), given to build_corpus as a pretrained one.
+100 changed). It is written once under --work and reused while its size and seed match. The tokenizer is --tokenizer
+(e.g. ~/.cache/semivlm/SmolLM2-135M-Instruct-hf) or, by default, the debug recipe's (byte-level BPE, vocabulary 2048,
+trained on data/corpus), given to build_corpus as a pretrained one.
 
 build_corpus runs as a child process. Reported: its wall time, MB/s of input, the peak of the resident memory summed
 over its process tree (sampled every 0.1 s with psutil: driver plus worker processes) and the largest resident set of
-any one of them (getrusage RUSAGE_CHILDREN, exact). Results go to --work/bench_corpus.json.
+any one of them (getrusage RUSAGE_CHILDREN, exact), the driver's and the workers' peaks apart and a timeline. Results
+go to --out (default --work/bench_corpus_<size_mb>mb.json).
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ class BenchCorpusConfig:
     block_size: int = 2048
     seed: int = 0
     goal_gb: float = 1.5          # the issue's bound on peak memory
+    tokenizer: str = ""           # tokenizer dir given to build_corpus; "" = the debug recipe's BPE (trained here)
+    out: str = ""                 # the JSON result; "" = <work>/bench_corpus_<size_mb>mb.json
 
 
 def fragments() -> list[str]:
@@ -102,20 +106,29 @@ def debug_tokenizer(path: Path) -> Path:
 
 
 def run_measured(cmd: list[str]) -> dict:
-    """Run cmd; sample the summed RSS of its process tree every 0.1 s."""
-    t0 = time.time()
+    """Run cmd; sample the summed RSS of its process tree every 0.1 s. The driver's and the workers' peaks are kept
+    apart, and a sample every 10 s goes to `rss_timeline` (seconds, driver MB, workers MB): memory that grows with
+    the corpus shows there as a trend rather than one number."""
+    t0, last = time.time(), -10.0
     proc = subprocess.Popen(cmd, cwd=REPO)
-    root, peak_tree = psutil.Process(proc.pid), 0
+    root, peak_tree, peak_driver, peak_workers, timeline = psutil.Process(proc.pid), 0, 0, 0, []
     while proc.poll() is None:
         try:
-            tree = [root] + root.children(recursive=True)
-            peak_tree = max(peak_tree, sum(p.memory_info().rss for p in tree if p.is_running()))
+            driver = root.memory_info().rss
+            workers = sum(p.memory_info().rss for p in root.children(recursive=True) if p.is_running())
+            peak_tree, peak_driver = max(peak_tree, driver + workers), max(peak_driver, driver)
+            peak_workers = max(peak_workers, workers)
+            if time.time() - t0 - last >= 10:
+                last = time.time() - t0
+                timeline.append((round(last), round(driver / 2**20), round(workers / 2**20)))
         except psutil.Error:
             pass
         time.sleep(0.1)
     return {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1),
-            "peak_tree_rss_mb": round(peak_tree / 2**20),
-            "max_single_process_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
+            "peak_tree_rss_mb": round(peak_tree / 2**20), "peak_driver_rss_mb": round(peak_driver / 2**20),
+            "peak_workers_rss_mb": round(peak_workers / 2**20),
+            "max_single_process_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+            "rss_timeline": timeline}
 
 
 def main(cfg: BenchCorpusConfig) -> dict:
@@ -124,8 +137,8 @@ def main(cfg: BenchCorpusConfig) -> dict:
     corpus = generate(work / f"text_{cfg.size_mb}mb", cfg.size_mb, cfg.seed)
     print(f"[bench_corpus] corpus: {corpus['files']} files, {corpus['bytes'] / 1e6:.0f} MB, duplicates "
           f"{corpus['duplicates']} ({time.time() - t0:.0f}s)", flush=True)
-    tok = debug_tokenizer(work / "tokenizer")
-    out = work / "out"
+    tok = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else debug_tokenizer(work / "tokenizer")
+    out = work / f"out_{cfg.size_mb}mb"
     cmd = [sys.executable, "data_prep/build_corpus.py", "--inputs", str((work / f"text_{cfg.size_mb}mb").resolve()),
            "--tokenizer", str(tok.resolve()), "--block_size", str(cfg.block_size), "--num_workers",
            str(cfg.num_workers), "--out", str(out.resolve())]
@@ -137,13 +150,15 @@ def main(cfg: BenchCorpusConfig) -> dict:
     result = {"config": asdict(cfg), "command": " ".join(cmd), "corpus": corpus, **run,
               "input_mb": stats["input_mb"], "mb_per_s": round(stats["input_mb"] / run["seconds"], 2),
               "tokens": stats["tokens"], "documents_kept": stats["documents_kept"],
+              "tokenizer": stats["tokenizer"]["source"],
               "duplicates_removed": stats["duplicates_removed"], "cpus": psutil.cpu_count(),
               "goal_met": run["peak_tree_rss_mb"] <= cfg.goal_gb * 1024}
-    (work / "bench_corpus.json").write_text(json.dumps(result, indent=2) + "\n")
+    dest = Path(cfg.out) if cfg.out else work / f"bench_corpus_{cfg.size_mb}mb.json"
+    dest.write_text(json.dumps(result, indent=2) + "\n")
     print(f"[bench_corpus] {stats['input_mb']:.0f} MB in {run['seconds']}s = {result['mb_per_s']} MB/s "
           f"({cfg.num_workers} workers, {psutil.cpu_count()} CPUs); peak RSS of the process tree "
           f"{run['peak_tree_rss_mb']} MB (largest single process {run['max_single_process_rss_mb']} MB); "
-          f"goal <= {cfg.goal_gb} GB {'met' if result['goal_met'] else 'NOT met'}", flush=True)
+          f"goal <= {cfg.goal_gb} GB {'met' if result['goal_met'] else 'NOT met'} -> {dest}", flush=True)
     return result
 
 
