@@ -139,13 +139,17 @@ def stop_at_end_of_turn(model_dir: Path, tokenizer) -> None:
 
 
 def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lora_config=None,
-                 base_for_merge: str | None = None, extra_files: dict[str, str] | None = None) -> Path:
+                 base_for_merge: str | None = None, extra_files: dict[str, str] | None = None,
+                 layout: tuple | None = None) -> Path:
     """Gather the (possibly ZeRO-3-sharded) weights and write a plain `save_pretrained` directory, atomically.
 
     LoRA runs are exported merged, so the result loads with `AutoModelForCausalLM.from_pretrained` and serves
     without PEFT; the adapter itself is kept in `output_dir/adapter` (PEFT format, e.g. for vLLM's LoRA serving). QLoRA adapters were trained on a quantised base: `base_for_merge` names the unquantised base
-    they are merged onto (only the adapter weights are taken from the run).
+    they are merged onto (only the adapter weights are taken from the run). `layout` = (to the run's module layout,
+    back to the saved one), applied in place to the plain model before LoRA and after the merge, e.g. MoE experts
+    unfused into per-expert Linears for LoRA with dropout or nf4 (moe.unfuse_experts, moe.fuse_experts).
     """
+    to_run, to_saved = layout or (lambda m: m, lambda m: m)
     out, tmp = final_dir(output_dir), Path(output_dir) / ".tmp-final"
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank must call it
     if accelerator.is_main_process:
@@ -156,13 +160,17 @@ def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lo
 
             if base_for_merge:
                 base_class = type(unwrapped.get_base_model())
-                plain = get_peft_model(_plain_model(base_class, pretrained=base_for_merge), lora_config)
+                plain = _plain_model(base_class, pretrained=base_for_merge)
+                to_run(plain)
+                plain = get_peft_model(plain, lora_config)
                 # only the adapter (and modules trained in full) come from the run; the base is unquantised
                 trained = lambda k: "lora_" in k or ".modules_to_save." in k  # noqa: E731
                 plain.load_state_dict(_run_keys(plain, state_dict, trained), strict=False)
             else:
                 base = unwrapped.get_base_model()
-                plain = get_peft_model(_plain_model(type(base), config=base.config), lora_config)
+                plain = _plain_model(type(base), config=base.config)
+                to_run(plain)
+                plain = get_peft_model(plain, lora_config)
                 plain.load_state_dict(_run_keys(plain, state_dict))  # strict: no half-trained export
             adapter, adapter_tmp = Path(output_dir) / "adapter", Path(output_dir) / ".tmp-adapter"
             shutil.rmtree(adapter_tmp, ignore_errors=True)
@@ -170,6 +178,7 @@ def export_final(accelerator, model, tokenizer, output_dir, run_config: dict, lo
             shutil.rmtree(adapter, ignore_errors=True)
             adapter_tmp.rename(adapter)
             merged = plain.merge_and_unload()
+            to_saved(merged)
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
@@ -222,7 +231,8 @@ def universal_checkpoint(checkpoint: Path, log=print, ties: list[list[str]] = ()
     so an interrupted conversion is redone). DeepSpeed 0.19.8's ZeRO-3 conversion writes a tied parameter under each
     of its names but only the first holds its values (measured: lm_head.weight differs from model.embed_tokens.weight
     by 0.13 on a tiny tied Llama), and which one its loader reads is not documented: every alias gets the first
-    name's files."""
+    name's files. ZeRO-1/2 checkpoints lack the `universal_checkpoint_info` that Megatron-style clients write (its
+    tensor- and pipeline-parallel slicing; none here): `inject_missing_state` supplies the bare version it needs."""
     import argparse
     import contextlib
     import io
@@ -237,7 +247,7 @@ def universal_checkpoint(checkpoint: Path, log=print, ties: list[list[str]] = ()
     tmp.mkdir()
     args = argparse.Namespace(input_folder=str(checkpoint / MODEL_TAG), output_folder=str(tmp / MODEL_TAG),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=False)
+                              inject_missing_state=True)
     with contextlib.redirect_stdout(io.StringIO()):  # its progress bars and argument dump
         ds_to_universal(args)
     zero = tmp / MODEL_TAG / "zero"
@@ -271,12 +281,22 @@ def _restore_hyperparameters(optimizer, saved: list[dict], lrs: list[float]) -> 
             state["step"] = state["step"].clone()
 
 
+def _load_scheduler(optimizer, scheduler, checkpoint: Path) -> None:
+    """The scheduler as saved (accelerate's first custom object), and the optimizer's lr from it."""
+    scheduler.load_state_dict(torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False))
+    for group, lr in zip(getattr(optimizer, "optimizer", optimizer).param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
 def _load_universal_into_plain(accelerator, model, optimizer, scheduler, universal: Path, checkpoint: Path) -> None:
     """Weights and Adam moments by parameter name from a universal checkpoint into an unpartitioned model and torch
     AdamW; then the scheduler (the RNG of the old ranks does not apply to this run's)."""
     zero = universal / MODEL_TAG / "zero"
-    common = torch.load(zero / "optimizer_state.pt", weights_only=False)["optimizer_state_dict"]
-    step = float(next(iter(common["state"].values()))["step"])
+    common = torch.load(zero / "optimizer_state.pt", weights_only=False)
+    if "optimizer_state_dict" in common:  # ZeRO-3: the step sits in the common optimizer state
+        step = float(next(iter(common["optimizer_state_dict"]["state"].values()))["step"])
+    else:  # ZeRO-1/2: one step.pt per parameter, all equal
+        step = float(torch.load(next(zero.glob("*/step.pt")), weights_only=False))
     unwrapped = accelerator.unwrap_model(model)
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
     missing = []
@@ -287,7 +307,10 @@ def _load_universal_into_plain(accelerator, model, optimizer, scheduler, univers
         if not (folder / "fp32.pt").is_file():
             missing.append(name)
             continue
-        load = lambda key: torch.load(folder / f"{key}.pt", weights_only=False).reshape(param.shape)  # noqa: E731
+        def load(key, folder=folder, shape=param.shape):
+            value = torch.load(folder / f"{key}.pt", weights_only=False)
+            # ZeRO-1/2 conversions wrap each tensor as {"param": tensor, "cat_dim": …}; ZeRO-3's are bare
+            return (value["param"] if isinstance(value, dict) else value).reshape(shape)
         with torch.no_grad():
             param.copy_(load("fp32").to(param.dtype))
         torch_optimizer.state[param] = {"step": torch.tensor(step), "exp_avg": load("exp_avg").to(param.device),
@@ -295,14 +318,91 @@ def _load_universal_into_plain(accelerator, model, optimizer, scheduler, univers
     if missing:
         raise SystemExit(f"checkpoint '{checkpoint}' holds no trained weights for {len(missing)} parameters of this "
                          f"model, e.g. {missing[:2]}: was it written by another model or LoRA setting?")
-    scheduler.load_state_dict(torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False))
-    for group, lr in zip(torch_optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
+    _load_scheduler(optimizer, scheduler, checkpoint)
+
+
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 weights of `checkpoint`, by parameter name, whatever wrote it: a plain run's
+    model.safetensors (or pytorch_model.bin), or DeepSpeed's partitions of any ZeRO stage and world size
+    (zero_to_fp32 reads the fp32 master copies in the optimizer files, which it needs no conversion for)."""
+    if is_deepspeed_checkpoint(checkpoint):
+        import io
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # its per-file progress lines
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=MODEL_TAG)
+    if (checkpoint / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(checkpoint / "model.safetensors")
+    if (checkpoint / "pytorch_model.bin").is_file():
+        return torch.load(checkpoint / "pytorch_model.bin", weights_only=True, map_location="cpu")
+    raise SystemExit(f"checkpoint '{checkpoint}' is corrupt: no model.safetensors, pytorch_model.bin or "
+                     f"{MODEL_TAG}/ in it")
+
+
+def _load_weights_restart_optimizer(accelerator, model, optimizer, scheduler, checkpoint: Path) -> None:
+    """The checkpoint's weights into this run's model, whatever its partitioning, and its schedule; the optimizer
+    keeps the fresh state prepare() gave it. Under ZeRO-3 each parameter is gathered, set by the main process and
+    re-partitioned (every rank joins, in the same order); then the optimizer's fp32 master copies, which ZeRO keeps
+    apart from the module's weights and steps from, are refreshed from them."""
+    weights = checkpoint_weights(checkpoint)
+    unwrapped = accelerator.unwrap_model(model)
+    ties = {name: names for names in tied_parameter_names(unwrapped) for name in names}
+    missing = []
+    for name, param in unwrapped.named_parameters():
+        # a tied weight may be saved under another of its names (safetensors keeps one)
+        value = next((weights[n] for n in ties.get(name, [name]) if n in weights), None)
+        if value is None:
+            if param.requires_grad:
+                missing.append(name)
+            continue  # frozen weights come from init_from, as in the saved run
+        if hasattr(param, "ds_id"):  # partitioned by ZeRO-3: every rank takes part in the gather
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if accelerator.is_main_process:
+                    with torch.no_grad():
+                        param.copy_(value.reshape(param.shape).to(param.dtype))
+        else:
+            with torch.no_grad():
+                param.copy_(value.reshape(param.shape).to(param.dtype))
+    if missing:
+        raise SystemExit(f"checkpoint '{checkpoint}' holds no weights for {len(missing)} trained parameters of this "
+                         f"model, e.g. {missing[:2]}: was it written by another model or LoRA setting?")
+    refresh = getattr(getattr(model, "optimizer", None), "refresh_fp32_params", None)  # DeepSpeed's ZeRO optimizer
+    if refresh is not None:
+        refresh()
+    _load_scheduler(optimizer, scheduler, checkpoint)
+
+
+def _convert_on_main(accelerator, model, checkpoint: Path, log) -> str | None:
+    """Convert `checkpoint` to the universal format on the main process; the error's first line, on every rank, if
+    DeepSpeed cannot (e.g. a ZeRO stage or optimizer layout its converter does not handle)."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            universal_checkpoint(checkpoint, log, tied_parameter_names(accelerator.unwrap_model(model)))
+        except Exception as e:  # noqa: BLE001 - any failure of the converter falls back to the weights alone
+            error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error], from_process=0)[0]
+    accelerator.wait_for_everyone()
+    return error
 
 
 def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path, state: dict, log=print) -> None:
     """Resume model, optimizer, scheduler (and RNG where it applies) from `checkpoint`, whatever the world size and
-    whether it or this run uses DeepSpeed. Every case loads weights and optimizer state, or stops with one line."""
+    whether it or this run uses DeepSpeed. The weights always cross; the Adam moments cross wherever DeepSpeed's
+    universal checkpoint carries them, and otherwise the optimizer restarts with one line saying why:
+    * same format (and, under DeepSpeed, same world size): accelerate loads everything;
+    * DeepSpeed -> another world size or a plain run: through the universal checkpoint; if DeepSpeed cannot convert
+      it, the fp32 weights (zero_to_fp32) and the schedule, with a fresh optimizer;
+    * plain -> DeepSpeed: the weights and the schedule, with a fresh optimizer (torch's whole Adam state has no
+      route into DeepSpeed's partitions that DeepSpeed supports)."""
     world = accelerator.num_processes
     saved_world = saved_world_size(checkpoint, state)
     saved_ds = is_deepspeed_checkpoint(checkpoint)
@@ -310,15 +410,20 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path, 
     if saved_ds == now_ds and (not now_ds or saved_world == world):
         accelerator.load_state(str(checkpoint))
         return
+    what = (f"{saved_world} {'DeepSpeed' if saved_ds else 'plain'} rank(s) -> {world} "
+            f"{'DeepSpeed' if now_ds else 'plain'} rank(s)")
     if not saved_ds:
-        raise SystemExit(f"checkpoint '{checkpoint}' was written without DeepSpeed; this run uses DeepSpeed, which "
-                         "cannot load it: resume it without DeepSpeed (e.g. python train_x.py, or accelerate launch "
-                         "with multi-GPU instead of DeepSpeed), or start a new output_dir with init_from")
-    if accelerator.is_main_process:
-        universal_checkpoint(checkpoint, log, tied_parameter_names(accelerator.unwrap_model(model)))
-    accelerator.wait_for_everyone()
+        _load_weights_restart_optimizer(accelerator, model, optimizer, scheduler, checkpoint)
+        log(f"resumed across formats ({what}): weights and schedule from {checkpoint}; the optimizer restarts (a "
+            "plain run's Adam state cannot be loaded into DeepSpeed's partitions)")
+        return
+    error = _convert_on_main(accelerator, model, checkpoint, log)
+    if error is not None:
+        _load_weights_restart_optimizer(accelerator, model, optimizer, scheduler, checkpoint)
+        log(f"resumed across world sizes ({what}) without the Adam state: DeepSpeed could not convert {checkpoint} "
+            f"to its universal format ({error}); weights and schedule from it, the optimizer restarts")
+        return
     universal = checkpoint / UNIVERSAL
-    what = f"{saved_world} DeepSpeed rank(s) -> {world} {'DeepSpeed ' if now_ds else 'plain '}rank(s)"
     if not now_ds:
         _load_universal_into_plain(accelerator, model, optimizer, scheduler, universal, checkpoint)
     else:

@@ -104,16 +104,38 @@ def test_zero3_checkpoint_resumes_in_one_plain_process_with_its_adam_state(pretr
     assert per_step(resumed["history"], "lr") == pytest.approx(per_step(straight["history"], "lr"), rel=1e-12)
 
 
-def test_plain_checkpoint_under_deepspeed_is_refused_in_one_line(tmp_path):
-    class State:
-        deepspeed_plugin = object()
+def zero2_fp32(tmp_path: Path) -> Path:
+    """ds_configs/zero3_fp32.json at ZeRO stage 2 (the stage whose universal conversion is in question)."""
+    config = json.loads((REPO / "ds_configs/zero3_fp32.json").read_text())
+    config["zero_optimization"] = {"stage": 2, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    path = tmp_path / "zero2_fp32.json"
+    path.write_text(json.dumps(config))
+    return path
 
-    class Accelerator:
-        num_processes, state = 2, State()
 
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"written without DeepSpeed; this run uses DeepSpeed") as e:
-        ckpt.load_checkpoint(Accelerator(), None, None, None, tmp_path, {"world_size": 1})
+@pytest.mark.slow
+def test_plain_checkpoint_resumes_under_two_zero3_ranks_with_its_weights_and_schedule_and_a_restarted_optimizer(
+        pretrain_args, tmp_path, tiny_model_dir):
+    common = {"max_steps": 4, "micro_batch_size": 2, "warmup_steps": 1, "eval_data": "", "init_from": tiny_model_dir,
+              "model_config": "{}"}
+    straight = run_in_process(pretrain_args(tmp_path / "straight", **common, grad_accum=2))
+    run_in_process(pretrain_args(tmp_path / "moved", **common, grad_accum=2, exit_after_steps=2))  # plain, 1 rank
+    assert not ckpt.is_deepspeed_checkpoint(ckpt.find_latest_checkpoint(tmp_path / "moved"))
+    proc = run_script(LAUNCH + ["train_pretrain.py"] + pretrain_args(tmp_path / "moved", **common, grad_accum=1),
+                      timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if "resumed across formats" in x)
+    assert "(1 plain rank(s) -> 2 DeepSpeed rank(s))" in line and "the optimizer restarts" in line
+    history = json.loads((tmp_path / "moved/history.json").read_text())
+    a, b = per_step(straight["history"], "loss"), per_step(history, "loss")
+    assert b[3] == pytest.approx(a[3], abs=1e-5)  # step 3's loss is taken on the checkpoint's weights
+    assert abs(b[4] - a[4]) > 1e-5  # after one step of a fresh Adam the runs part, as the line says
+    assert per_step(history, "lr") == pytest.approx(per_step(straight["history"], "lr"), rel=1e-12)
+
+
+def test_plain_checkpoint_without_weights_is_refused_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"checkpoint '.*' is corrupt: no model.safetensors") as e:
+        ckpt.checkpoint_weights(tmp_path)
     assert "\n" not in str(e.value)
 
 
@@ -149,3 +171,40 @@ def test_two_epochs_run_ceil_2n_over_g_steps_and_see_every_record_exactly_twice(
 def test_epochs_and_max_steps_together_are_refused_naming_both(pretrain_args, tmp_path):
     with pytest.raises(SystemExit, match=r"set max_steps or epochs, not both \(max_steps 8, epochs 2"):
         run_in_process(pretrain_args(tmp_path / "run", epochs=2))
+
+
+@pytest.mark.slow
+def test_zero2_checkpoint_of_two_ranks_resumes_in_one_plain_process_with_adam_or_says_it_restarts_the_optimizer(
+        pretrain_args, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    common = {"max_steps": 4, "micro_batch_size": 2, "warmup_steps": 1, "eval_data": "", "init_from": tiny_model_dir,
+              "model_config": "{}"}
+    straight_history = run_in_process(pretrain_args(tmp_path / "straight", **common, grad_accum=2))["history"]
+    straight = per_step(straight_history, "loss")
+    launch = LAUNCH + ["--deepspeed_config_file", str(zero2_fp32(tmp_path))]
+    proc = run_script(launch + ["train_pretrain.py"] + pretrain_args(tmp_path / "moved", **common, grad_accum=1,
+                                                                     exit_after_steps=2), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(ZeRO stage 2)" in proc.stdout
+    shutil.copytree(tmp_path / "moved", tmp_path / "unconvertible")
+    capsys.readouterr()
+
+    # DeepSpeed 0.19.8 converts ZeRO-2 once the missing universal_checkpoint_info is injected: Adam crosses
+    moved = per_step(run_in_process(pretrain_args(tmp_path / "moved", **common, grad_accum=2))["history"], "loss")
+    assert "resumed across world sizes (2 DeepSpeed rank(s) -> 1 plain rank(s)): weights, Adam moments" in \
+        capsys.readouterr().out
+    for step in (3, 4):
+        assert moved[step] == pytest.approx(straight[step], abs=1e-5), (step, straight, moved)
+
+    # where the conversion fails: one line, the checkpoint's weights and schedule, a fresh optimizer
+    def fail(*_, **__):
+        raise AssertionError("Required universal_checkpoint_info state is missing in checkpoint.\nmore")
+    monkeypatch.setattr(ckpt, "universal_checkpoint", fail)
+    history = run_in_process(pretrain_args(tmp_path / "unconvertible", **common, grad_accum=2))["history"]
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "without the Adam state" in x)
+    assert "DeepSpeed could not convert" in line and "(AssertionError: Required universal_checkpoint_info" in line
+    assert line.endswith("the optimizer restarts") and "more" not in line
+    restarted = per_step(history, "loss")
+    assert restarted[3] == pytest.approx(straight[3], abs=1e-5)  # taken on the checkpoint's weights
+    assert abs(restarted[4] - straight[4]) > 1e-5  # a fresh Adam's first step, as the line says
+    assert per_step(history, "lr") == pytest.approx(per_step(straight_history, "lr"), rel=1e-12)
