@@ -21,7 +21,10 @@ from, reads and at which learning rates. Each stage ends in `output_dir/final`, 
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -96,6 +99,9 @@ class MoEConfig(TrainConfig):
     group_by_modality: bool = True  # micro-batches all-image or all-text, of similar length (LLaVA)
     objective: Literal["sft", "dpo"] = "sft"  # dpo: image (and text) preference pairs from train_data
     beta: float = 0.1
+    # a seeded share of the records (pairs) of every file the run reads, chosen by id before anything is encoded, e.g.
+    # a demo-sized DPO run on a large preference file; 1 = all
+    record_fraction: float = 1.0
     classify_eval: int = 100  # held-out classification records answered after training (0 = off) ...
     classify_data: str = ""  # ... from this JSONL (empty = the classify records of eval_data or train_data)
 
@@ -110,9 +116,16 @@ def iter_records(cfg: MoEConfig, files: list[str], split: str, tasks: tuple[str,
             for r in read_jsonl(path, skip_bad=cfg.skip_invalid):
                 task = record_task(r)
                 if (not split or r.get("meta", {}).get("split", split) == split) and (cfg.objective == "dpo" or task in tasks):
-                    yield r, Path(path).parent
+                    if cfg.record_fraction >= 1 or kept_share(r.get("id"), cfg.seed) < cfg.record_fraction:
+                        yield r, Path(path).parent
         except RecordError as e:
             raise SystemExit(str(e)) from None
+
+
+def kept_share(record_id, seed: int) -> float:
+    """A record's place in [0, 1), from its id and the seed alone: a record_fraction keeps the same records in every
+    run, on every rank, whatever the file order."""
+    return zlib.crc32(f"{seed}:{record_id}".encode()) / 2 ** 32
 
 
 def read_records(cfg: MoEConfig, files: list[str], split: str, tasks: tuple[str, ...]) -> list[tuple[dict, Path]]:
@@ -127,7 +140,8 @@ def index_records(cfg: MoEConfig, processor, files: list[str], split: str, tasks
         if not Path(f).is_file():
             raise SystemExit(f"{f}: file does not exist")
     settings = {"split": split, "tasks": sorted(tasks), "objective": cfg.objective, "max_length": cfg.max_length,
-                "overflow": cfg.overflow, "max_aspect_ratio": cfg.max_aspect_ratio}
+                "overflow": cfg.overflow, "max_aspect_ratio": cfg.max_aspect_ratio,
+                **({"record_fraction": cfg.record_fraction} if cfg.record_fraction < 1 else {})}
     return record_index.open_index(where, files, partial(iter_records, cfg, files, split, tasks), processor, settings,
                                    cfg.index_dir or Path(cfg.output_dir) / "record_index",
                                    accelerator.is_main_process, accelerator.wait_for_everyone, accelerator.print,
@@ -160,6 +174,9 @@ def starting_model_dir(cfg: MoEConfig, accelerator) -> Path:
                          f"'{cfg.init_from}' is not one")
     if cfg.stage == "llm" or (cfg.stage == "projector" and is_vlm):
         return source
+    if cfg.stage == "moe" and upcycled_already(cfg, source):  # e.g. DPO on a moe stage's export: taken as it is
+        adapter = continued_adapter(cfg)
+        return adapter_base(adapter) if adapter else source
     start = Path(cfg.output_dir) / "start"
     if accelerator.is_main_process and not (start / "config.json").is_file():
         tmp = Path(cfg.output_dir) / ".tmp-start"
@@ -181,6 +198,89 @@ def starting_model_dir(cfg: MoEConfig, accelerator) -> Path:
         accelerator.print(f"wrote the starting model of stage {cfg.stage} to {start}")
     accelerator.wait_for_everyone()
     return start
+
+
+def upcycled_already(cfg: MoEConfig, source: Path) -> bool:
+    """Whether init_from is an MoE VLM already (a moe stage's final/): the moe stage then trains it as it is (DPO
+    after the moe stage, or more of it); upcycling it again would make every expert a copy of one FFN and reset
+    the routers. num_experts, top_k and moe_every must describe it, else they would be ignored without a word."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(source).text_config
+    if text.model_type not in moe.MOE_FAMILY.values():
+        return False
+    experts = getattr(text, "num_local_experts", None) or text.num_experts
+    sparse = moe.moe_layer_indices(text)
+    if (experts, text.num_experts_per_tok, sparse) != (cfg.num_experts, cfg.top_k,
+                                                        list(range(0, text.num_hidden_layers, cfg.moe_every))):
+        raise SystemExit(f"init_from {source} is an MoE VLM already ({experts} experts, top-{text.num_experts_per_tok}"
+                         f", sparse layers {sparse}), trained as it is: num_experts {cfg.num_experts}, top_k "
+                         f"{cfg.top_k}, moe_every {cfg.moe_every} describe another one; set them to its values")
+    return True
+
+
+def continued_adapter(cfg: MoEConfig) -> Path | None:
+    """The expert-LoRA adapter this run goes on training: with moe_lora_r > 0 and init_from the final/ of a LoRA moe
+    stage (its run_config.json says so), that stage's output_dir/adapter. The run then starts from the adapter's base
+    plus the adapter — the policy equals the merged final/ — and trains the same low-rank update further, rather
+    than a fresh adapter on top of the merge (so its export is again base + one rank-r update). None: start from
+    init_from's weights (moe_lora_r > 0: a fresh adapter)."""
+    if cfg.stage != "moe" or cfg.moe_lora_r <= 0 or not cfg.init_from:
+        return None
+    final = Path(cfg.init_from)
+    try:
+        made_by = json.loads((final / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if made_by.get("stage") != "moe" or not made_by.get("moe_lora_r"):
+        return None
+    adapter = final.parent / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise SystemExit(f"init_from {final} was exported by a LoRA moe stage, whose adapter this run continues, but "
+                         f"{adapter}/adapter_config.json is missing")
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    if (saved.get("r"), saved.get("lora_alpha")) != (cfg.moe_lora_r, cfg.moe_lora_alpha):
+        raise SystemExit(f"{adapter} has r {saved.get('r')}, lora_alpha {saved.get('lora_alpha')}; this run continues "
+                         f"it with moe_lora_r {cfg.moe_lora_r}, moe_lora_alpha {cfg.moe_lora_alpha}: set them equal")
+    return adapter
+
+
+def adapter_base(adapter: Path) -> Path:
+    """The model an adapter was trained on: its stage's start/ (the upcycled model), else the directory its
+    adapter_config.json names (e.g. the start/ of the stage before a continued run)."""
+    named = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    for base in (adapter.parent / "start", Path(named)):
+        if str(base) and (base / "config.json").is_file() and vlm.is_vlm_dir(base):
+            return base
+    raise SystemExit(f"{adapter}: the model it was trained on is not found ({adapter.parent / 'start'} or "
+                     f"'{named}'), so it cannot be continued")
+
+
+def load_continued_adapter(model, adapter: Path, accelerator) -> None:
+    """The adapter's weights (LoRA, and the modules its stage trained in full, e.g. routers) into this run's freshly
+    wrapped model, name by name: every trained parameter must find one and every saved weight a parameter, or the
+    run would start from something other than the adapter. Names are compared without PEFT's wrapper segments
+    (base_model.model., the adapter name, modules_to_save), which differ between a saved adapter and a live model."""
+    from safetensors.torch import load_file
+
+    def plain(name: str) -> str:
+        return re.sub(r"\.(default|modules_to_save|original_module)(?=\.)", "", name.removeprefix("base_model.model."))
+
+    saved = {plain(k): v for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    trained = {plain(n): p for n, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != trained.keys():
+        extra, missing = sorted(saved.keys() - trained.keys()), sorted(trained.keys() - saved.keys())
+        raise SystemExit(f"{adapter} does not match what this run trains (its weights not trained here: {extra[:2]}; "
+                         f"trained here, not in it: {missing[:2]}): use the LoRA settings of the stage that wrote it")
+    for name, param in trained.items():
+        gathered = contextlib.nullcontext()
+        if hasattr(param, "ds_id"):  # partitioned by ZeRO-3: every rank joins the gather, the main process sets it
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+        with gathered, torch.no_grad():
+            param.copy_(saved[name].reshape(param.shape).to(param.dtype))
+    accelerator.print(f"continuing adapter {adapter}: {len(trained)} tensors (LoRA and modules trained in full)")
 
 
 def set_trainable(cfg: MoEConfig, model) -> dict[str, list[torch.nn.Parameter]]:
@@ -339,6 +439,8 @@ def check_stage_fields(cfg: MoEConfig) -> None:
 def run(cfg: MoEConfig) -> dict:
     stage = STAGES[cfg.stage]
     check_stage_fields(cfg)
+    if not 0 < cfg.record_fraction <= 1:
+        raise SystemExit(f"record_fraction must be in (0, 1] (a share of the records), not {cfg.record_fraction}")
     if not cfg.output_dir:
         raise SystemExit("output_dir is required")
     accelerator = make_accelerator(cfg)
@@ -351,6 +453,8 @@ def run(cfg: MoEConfig) -> dict:
     accelerator.print(f"attention {attn}")
     tokenizer = processor.tokenizer
     model, groups, probe, lora_config = prepare_stage_model(cfg, model, accelerator)
+    if adapter := continued_adapter(cfg):  # the fresh adapter takes the saved one's weights
+        load_continued_adapter(model, adapter, accelerator)
 
     # ---- data: the stage's mix, each record checked (image count, decodability, labels, length)
     tasks = tuple(cfg.tasks) or stage["tasks"]
@@ -368,7 +472,10 @@ def run(cfg: MoEConfig) -> dict:
         collate = partial(vlm.collate_vlm_pairs, pad_id=pad_id)
         collate = record_index.ImageCollate(collate, processor, cfg.max_aspect_ratio, cfg.skip_invalid, "train",
                                             accelerator.print)
+        # precomputed: the reference is the policy as this run starts (a continued adapter included), which switching
+        # the adapter off would not give
         base_loss = dpo.make_dpo_loss(cfg.beta, "precomputed")
+        train_set, eval_set = dpo.pairs_read(cfg, train_set, eval_set, accelerator)
         on_start = dpo.reference_on_start([train_set, eval_set or []], collate, cfg.micro_batch_size, cfg.output_dir)
     else:
         collate = record_index.ImageCollate(partial(vlm.collate_vlm, pad_id=pad_id), processor, cfg.max_aspect_ratio,

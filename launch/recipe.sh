@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole recipe, stage by stage, from one config directory:
 #   [base: a pretrained LLM from a GGUF file] → corpus → micrographs (synthetic, or your files via ingest.yaml)
-#   → annotations → instructions → pretrain → sft → dpo → vision → projector → llm → moe → evaluations
+#   → annotations → instructions → pretrain → sft → dpo → vision → projector → llm → moe → moe_dpo → evaluations
 #   → GPTQ W4A16 export → evaluation of it → report.md
 #
 #   launch/recipe.sh launch/configs/debug runs/demo              # CPU, ~20 min on 2 cores (what `make demo` runs)
@@ -11,7 +11,7 @@
 #
 # A stage runs when CONFIG_DIR has its YAML (base.yaml, corpus.yaml, micrographs.yaml or ingest.yaml, annotate.yaml
 # [optional, default teacher: metadata], instructions.yaml [optional], pretrain.yaml, sft.yaml, dpo.yaml, vision.yaml,
-# projector.yaml, llm.yaml, moe.yaml, evaluate.yaml, gptq.yaml); each reads the previous stage's output in RUN_DIR,
+# projector.yaml, llm.yaml, moe.yaml, moe_dpo.yaml, evaluate.yaml, gptq.yaml); each reads the previous stage's output in RUN_DIR,
 # whatever paths its YAML names. A stage is complete when RUN_DIR/.recipe/<stage>.done holds the fingerprint of its
 # command, its YAML and the completion record of the stage before it. So a rerun skips complete stages; a stage
 # whose output lacks the record (killed midway) reruns its same command, and training resumes from its newest
@@ -129,8 +129,15 @@ for stage in projector llm moe; do
     fi
     VLM=$RUN/$stage/final; FINAL=$VLM; TRAINED+=($stage)
 done
+if has moe_dpo && [[ -n ${OUT[moe]:-} ]]; then  # DPO on the MoE VLM as it is: image pairs and text pairs
+    add moe_dpo "$RUN/moe_dpo" "${TRAIN[@]}" train_moe.py --config "$CFG/moe_dpo.yaml" --output_dir "$RUN/moe_dpo" \
+        --init_from "$RUN/moe/final"
+    [[ -n ${OUT[instructions]:-} ]] && arg moe_dpo --train_data "[$RUN/instructions/preferences.jsonl]"
+    VLM=$RUN/moe_dpo/final; FINAL=$VLM; TRAINED+=(moe_dpo)  # GPTQ quantises the model after DPO
+fi
 
-# evaluations: the chat LLM, the dense VLM, the MoE VLM, and the GPTQ export of the last model trained
+# evaluations: the chat LLM, the dense VLM, the MoE VLM (before and after its DPO), and the GPTQ export of the last
+# model trained
 add_eval() {  # NAME MODEL_DIR text|vlm
     has evaluate || return 0
     add "eval_$1" "$RUN/eval/$1" "$PYTHON" evaluate.py --config "$CFG/evaluate.yaml" --model "$2" \
@@ -143,6 +150,7 @@ add_eval() {  # NAME MODEL_DIR text|vlm
 [[ -n $LLM && -n ${OUT[instructions]:-} ]] && add_eval "$(basename "$(dirname "$LLM")")" "$LLM" text
 [[ -n ${OUT[llm]:-} && -n ${OUT[annotations]:-} ]] && add_eval llm "$RUN/llm/final" vlm
 [[ -n ${OUT[moe]:-} && -n ${OUT[annotations]:-} ]] && add_eval moe "$RUN/moe/final" vlm
+[[ -n ${OUT[moe_dpo]:-} && -n ${OUT[annotations]:-} ]] && add_eval moe_dpo "$RUN/moe_dpo/final" vlm
 if has gptq && [[ -n $FINAL ]]; then
     add gptq "$RUN/gptq" "$PYTHON" export_gptq.py --config "$CFG/gptq.yaml" --model "$FINAL" --output_dir "$RUN/gptq"
     if [[ $FINAL == "$VLM" ]]; then

@@ -12,6 +12,8 @@ export, and DPO only changes what a micro-batch holds and how its loss is comput
                        PEFT model with its adapters disabled (LoRA: the base model *is* the reference);
   * `precompute_reference_logps` / `reference_on_start`   the reference pass (every rank, same number of forwards),
                        cached in output_dir so a resumed run does not mistake its trained weights for the reference;
+  * `pairs_read`       the pairs a run reads (a max_steps run's sample, the evaluated held-out pairs): the only
+                       ones the reference pass needs;
   * `preference_metrics`   held-out reward margin / accuracy against the reference.
 
 Sequence log-probs are sums over the reply tokens (labels != -100), computed in fp32 from only the supervised
@@ -277,14 +279,18 @@ def reference_on_start(datasets: list[list[dict]], collate: Callable, micro_batc
         ids = [i for ds in datasets for i in _ids(ds)]
         if find_latest_checkpoint(output_dir) is not None:
             stored = json.loads(cache.read_text()) if cache.is_file() else None
-            if stored is None or stored.get("ids") != ids:
+            by_id = dict(zip(stored["ids"], stored["logps"])) if stored is not None else {}
+            if stored is None or not all(i in by_id for i in ids):  # by id: the same pairs, in any order
                 raise SystemExit(f"{cache} is {'missing' if stored is None else 'for other pairs'} but this run "
                                  "resumes from a checkpoint, whose weights are no longer the DPO reference: restore "
                                  "the file or start in a fresh output_dir")
-            refs = [tuple(v) for v in stored["logps"]]
+            refs = [tuple(by_id[i]) for i in ids]
             accelerator.print(f"DPO reference log-probs of {len(rows)} pairs read from {cache}")
         else:
-            refs = precompute_reference_logps(model, rows, collate, micro_batch_size, accelerator)
+            # each dataset on its own: a micro-batch never mixes training and held-out pairs (nor pads one by the
+            # other), as no micro-batch of the run does
+            refs = [ref for ds in datasets if len(ds)
+                    for ref in precompute_reference_logps(model, ds, collate, micro_batch_size, accelerator)]
             if accelerator.is_main_process:
                 tmp = cache.with_name(f".{cache.name}.tmp")
                 tmp.write_text(json.dumps({"ids": ids, "logps": refs}) + "\n")
@@ -297,6 +303,37 @@ def reference_on_start(datasets: list[list[dict]], collate: Callable, micro_batc
             start += len(ds)
 
     return on_start
+
+
+def pairs_read(cfg, train_set, eval_set, accelerator):
+    """(training pairs, held-out pairs) that a run of `cfg` (a semivlm.loop.TrainConfig) reads, so that the
+    reference pass, one forward per pair before step 1, skips the others: by max_steps, a seeded sample of
+    max_steps × global batch training pairs, kept in their order (the loop then reads each once, as it would draw
+    that many from the whole set); the first eval_batches × micro-batch × ranks held-out pairs, all that evaluation
+    reads. By epochs, or when the run reads every pair, the datasets as they are. Datasets are lists or record
+    indexes (semivlm.record_index.IndexedRecords: a selection is their `repeated` with 0 or 1 per item)."""
+    import numpy as np
+
+    from semivlm.checkpoint import find_latest_checkpoint, load_trainer_state
+
+    def take(ds, keep: np.ndarray):
+        return ds.repeated(keep.astype(np.int64)) if hasattr(ds, "repeated") else [r for r, k in zip(ds, keep) if k]
+
+    world = accelerator.num_processes
+    if cfg.epochs <= 0 and cfg.max_steps > 0:
+        latest = find_latest_checkpoint(cfg.output_dir)  # a resume keeps the checkpoint's global batch
+        saved = load_trainer_state(latest).get("global_batch") if latest is not None else None
+        needed = cfg.max_steps * int(saved or world * cfg.micro_batch_size * cfg.grad_accum)
+        if needed < len(train_set):
+            keep = np.zeros(len(train_set), dtype=bool)
+            keep[np.random.default_rng(cfg.seed).choice(len(train_set), needed, replace=False)] = True
+            accelerator.print(f"DPO: {cfg.max_steps} steps read {needed:,} of the {len(train_set):,} training pairs "
+                              f"(a sample, seed {cfg.seed}): reference log-probs for those only")
+            train_set = take(train_set, keep)
+    evaluated = cfg.eval_batches * cfg.micro_batch_size * world
+    if eval_set is not None and evaluated < len(eval_set):
+        eval_set = take(eval_set, np.arange(len(eval_set)) < evaluated)
+    return train_set, eval_set
 
 
 def preference_metrics(model, rows: list[dict], collate: Callable, micro_batch_size: int, beta: float,

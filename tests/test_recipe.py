@@ -56,14 +56,15 @@ def test_debug_config_lists_every_stage_in_order_and_wires_outputs(tmp_path):
     p = subprocess.run(["bash", str(RECIPE), str(ROOT / "launch/configs/debug"), str(tmp_path / "r"), "--list"],
                        capture_output=True, text=True, timeout=30, check=True)
     assert stage_names(p.stdout) == ["corpus", "micrographs", "annotations", "instructions", "pretrain", "sft", "dpo",
-                                     "vision", "projector", "llm", "moe", "eval_dpo", "eval_llm", "eval_moe", "gptq",
-                                     "eval_gptq", "report"]
+                                     "vision", "projector", "llm", "moe", "moe_dpo", "eval_dpo", "eval_llm", "eval_moe",
+                                     "eval_moe_dpo", "gptq", "eval_gptq", "report"]
     lines = {line.split()[0]: line for line in p.stdout.splitlines()}
     r = tmp_path / "r"
     assert f"--init_from {r}/sft/final" in lines["dpo"]
     assert f"--vision_tower {r}/vision/final" in lines["projector"]
     assert f"--init_from {r}/llm/final" in lines["moe"]
-    assert f"--model {r}/moe/final" in lines["gptq"]
+    assert f"--init_from {r}/moe/final" in lines["moe_dpo"] and "preferences.jsonl" in lines["moe_dpo"]
+    assert f"--model {r}/moe_dpo/final" in lines["gptq"]
     assert f"--model {r}/gptq" in lines["eval_gptq"]
 
 
@@ -83,17 +84,16 @@ def test_text_only_config_has_no_image_stages_and_quantises_the_chat_llm(tmp_pat
 def test_rerun_of_a_finished_recipe_runs_nothing_and_a_deleted_stage_reruns_with_those_after_it(fake, tmp_path):
     p, calls = fake()
     assert p.returncode == 0, p.stderr
-    assert len(calls) == 17 and (tmp_path / "run/report.md").is_file()
+    assert len(calls) == 19 and (tmp_path / "run/report.md").is_file()
     p, calls = fake()
     assert p.returncode == 0 and calls == [], calls
-    assert p.stdout.count("complete, skipped") == 17
+    assert p.stdout.count("complete, skipped") == 19
     import shutil
     shutil.rmtree(tmp_path / "run/projector")
     p, calls = fake()
     assert p.returncode == 0, p.stderr
-    assert calls == ["train_moe.py", "train_moe.py", "train_moe.py", "evaluate.py", "evaluate.py", "evaluate.py",
-                     "export_gptq.py", "evaluate.py", "evaluate.py"]
-    assert "[recipe 8/17 vision] complete, skipped" in p.stdout
+    assert calls == ["train_moe.py"] * 4 + ["evaluate.py"] * 4 + ["export_gptq.py", "evaluate.py", "evaluate.py"]
+    assert "[recipe 8/19 vision] complete, skipped" in p.stdout
 
 
 def test_changed_stage_config_reruns_that_stage_from_an_empty_directory_and_those_after_it(fake, tmp_path):
@@ -107,7 +107,7 @@ def test_changed_stage_config_reruns_that_stage_from_an_empty_directory_and_thos
     (cfg / "moe.yaml").write_text((cfg / "moe.yaml").read_text() + "num_experts: 8\n")
     p, calls = fake(cfg=cfg)
     assert p.returncode == 0, p.stderr
-    assert calls[0] == "train_moe.py" and calls.count("train_moe.py") == 1 and len(calls) == 7, calls
+    assert calls[0] == "train_moe.py" and calls.count("train_moe.py") == 2 and len(calls) == 9, calls  # moe, moe_dpo
     assert "config changed" in p.stdout and not stale.exists()
 
 
@@ -116,7 +116,7 @@ def test_first_failing_stage_stops_the_recipe_naming_it_and_its_log(fake, tmp_pa
     assert p.returncode == 1
     assert calls[-1] == "train_sft.py" and "train_moe.py" not in calls
     log = tmp_path / "run/logs/sft.log"
-    assert f"stage 'sft' (6/17) failed" in p.stderr and str(log) in p.stderr
+    assert f"stage 'sft' (6/19) failed" in p.stderr and str(log) in p.stderr
     assert "boom in train_sft.py" in log.read_text()
     p, calls = fake()  # fixed: the stages before sft are complete and skipped
     assert p.returncode == 0 and calls[0] == "train_sft.py"
@@ -148,8 +148,8 @@ CONFIG_CLASSES = {"base": ("data_prep.gguf_to_hf", "GGUFConfig"), "corpus": ("da
                   "pretrain": ("train_pretrain", "PretrainConfig"), "sft": ("train_sft", "SFTConfig"),
                   "dpo": ("train_sft", "SFTConfig"), "vision": ("train_vision", "VisionConfig"),
                   "projector": ("train_moe", "MoEConfig"), "llm": ("train_moe", "MoEConfig"),
-                  "moe": ("train_moe", "MoEConfig"), "evaluate": ("evaluate", "EvalConfig"),
-                  "gptq": ("export_gptq", "ExportConfig")}
+                  "moe": ("train_moe", "MoEConfig"), "moe_dpo": ("train_moe", "MoEConfig"),
+                  "evaluate": ("evaluate", "EvalConfig"), "gptq": ("export_gptq", "ExportConfig")}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "launch/configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -24,7 +24,7 @@ STAGE_SBATCH = SLURM / "recipe_stage.sbatch"
 SRUN_ACCELERATE = SLURM / "srun_accelerate.sh"
 RECIPE = ROOT / "launch" / "recipe.sh"
 CFG = "launch/configs/debug"
-DEBUG_TRAINING = ["pretrain", "sft", "dpo", "vision", "projector", "llm", "moe"]
+DEBUG_TRAINING = ["pretrain", "sft", "dpo", "vision", "projector", "llm", "moe", "moe_dpo"]
 TRAIN_RE = re.compile(r"(^|/)train_\w*\.py$")
 
 
