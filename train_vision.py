@@ -38,10 +38,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from semivlm import vlm
+from semivlm import record_index, vlm
 from semivlm.chat import SkipRecord, encode_counted, record_error
 from semivlm.config import load_config
-from semivlm.data import RecordError, read_jsonl
+from semivlm.data import RecordError, exit_on_bad_record, read_jsonl
 from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage
 from semivlm.model import load_tokenizer
 
@@ -63,6 +63,7 @@ class VisionConfig(TrainConfig):
     max_shift: float = 0.06  # fraction of the image side
     skip_invalid: bool = False
     max_aspect_ratio: float = 5.0
+    num_workers: int = 2  # DataLoader processes decoding each micro-batch's images (0: the main process does)
 
 
 # ---------------------------------------------------------------- model
@@ -101,11 +102,12 @@ def build_clip(cfg: VisionConfig, dtype):
 # ---------------------------------------------------------------- data
 
 def image_text_pairs(cfg: VisionConfig, processor, files: list[str], split: str, where: str, log) -> list[dict]:
-    """{"pixel_values" [3,H,W], "input_ids", "text"} per record of `split` whose task suits the objective (caption, or
-    classify): the image as the VLM will see it (RGB, padded to square) and the assistant's answer + eos."""
+    """{"images": [path], "input_ids", "text"} per record of `split` whose task suits the objective (caption, or
+    classify): the image's path, checked from its header only, and the assistant's answer + eos. Pixels are decoded
+    per micro-batch (record_index.ImageCollate, in DataLoader workers), so memory does not grow with the images."""
     task = {"contrastive": "caption", "classify": "classify"}[cfg.objective]
     tok = processor.tokenizer
-    cache: dict = {}
+    checked: set = set()  # images whose header was read (several records may share one)
     examples, totals = [], {}
 
     def encode_one(rec, n):
@@ -120,8 +122,11 @@ def image_text_pairs(cfg: VisionConfig, processor, files: list[str], split: str,
         if not text.strip():
             raise record_error(rid, f"no {task} text", "no assistant turn with text")
         ids = tok(text.strip(), add_special_tokens=False)["input_ids"][:cfg.max_text_length - 1] + [tok.eos_token_id]
-        pixels = vlm.load_pixel_values(processor, images, root, rid, cfg.max_aspect_ratio, cache)[0]
-        return {"id": rid, "pixel_values": pixels, "input_ids": ids, "text": text.strip()}, len(ids) == cfg.max_text_length
+        path = str(root / images[0])
+        if path not in checked:
+            vlm.image_header(path, rid, cfg.max_aspect_ratio)  # missing, not an image, too small or elongated
+            checked.add(path)
+        return {"id": rid, "images": [path], "input_ids": ids, "text": text.strip()}, len(ids) == cfg.max_text_length
 
     for path in files:
         root = Path(path).parent
@@ -148,9 +153,10 @@ def pad_texts(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 
 def collate_pairs(rows: list[dict], pad_id: int, patches: int, classes: list[str] | None = None) -> dict:
-    """Images + their texts; with `classes`, the label index of each text instead (the class texts are shared)."""
+    """Images ([1, 3, H, W] each, as ImageCollate decodes them) + their texts; with `classes`, the label index of
+    each text instead (the class texts are shared)."""
     ids, mask = pad_texts([r["input_ids"] for r in rows], pad_id)
-    batch = {"pixel_values": torch.stack([r["pixel_values"] for r in rows]), "_n_items": len(rows),
+    batch = {"pixel_values": torch.cat([r["pixel_values"] for r in rows]), "_n_items": len(rows),
              "_n_tokens": (0 if classes else int(mask.sum())) + len(rows) * patches}
     if classes:
         batch["labels"] = torch.tensor([classes.index(r["text"]) for r in rows])
@@ -217,6 +223,11 @@ def vision_loss(cfg: VisionConfig, class_ids: torch.Tensor | None = None, class_
 # ---------------------------------------------------------------- main
 
 def main(cfg: VisionConfig) -> dict:
+    with exit_on_bad_record():  # an image that fails to decode at train time: one line naming file and record
+        return run(cfg)
+
+
+def run(cfg: VisionConfig) -> dict:
     accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     model, processor = build_clip(cfg, accelerator.param_dtype)
@@ -252,10 +263,16 @@ def main(cfg: VisionConfig) -> dict:
     vc = model.config.vision_config
     patches = (vc.image_size // vc.patch_size) ** 2
     text_tokens = sum(len(e["input_ids"]) for e in train_set) / len(train_set)
-    result = train(cfg, accelerator, model, processor, train_set, eval_set,
-                   partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id, patches=patches, classes=classes),
+    # images decoded per micro-batch: in DataLoader workers for training, in the main process for held-out batches;
+    # one that does not decode is named in one line, or under skip_invalid replaced by a blank image and counted
+    collate = record_index.ImageCollate(
+        partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id, patches=patches, classes=classes), processor,
+        cfg.max_aspect_ratio, cfg.skip_invalid, "train", accelerator.print)
+    result = train(cfg, accelerator, model, processor, train_set, eval_set, collate,
                    loss_fn=vision_loss(cfg, class_ids, class_mask), seq_len=cfg.max_text_length,
-                   train_flops_per_token=clip_flops_per_token(model, patches, text_tokens))
+                   train_flops_per_token=clip_flops_per_token(model, patches, text_tokens),
+                   batch_loader=record_index.batch_loader(cfg.num_workers, collate.report,
+                                                          pin_memory=accelerator.device.type == "cuda"))
     metric = "eval_accuracy" if classes else "eval_retrieval_acc"
     evals = [h for h in result["history"] if metric in h]
     if len(evals) >= 2:

@@ -56,3 +56,38 @@ def test_classify_objective_refuses_a_held_out_class_it_never_trained_on(pipelin
                        ds_config="ds_configs/zero3_fp32.json")
     with pytest.raises(SystemExit, match="a class nobody trained"):
         main(cfg)
+
+
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_an_image_that_breaks_at_train_time_is_named_in_one_line_or_replaced_and_counted(skip_invalid, pipeline,
+                                                                                         llm_dir, tmp_path, capsys):
+    """Pixels are decoded per micro-batch in DataLoader workers, not up front: a truncated PNG (its header reads, its
+    pixels do not) stops the run with one line naming file and record, or under skip_invalid becomes a blank image."""
+    import json
+    import shutil
+
+    from train_vision import VisionConfig, main
+
+    rows = [json.loads(x) for x in (pipeline / "annotations/classify.jsonl").read_text().splitlines()][:4]
+    for r in rows:
+        r["images"] = [str((pipeline / "annotations" / r["images"][0]).resolve())]
+    broken = tmp_path / "truncated.png"
+    shutil.copy(rows[0]["images"][0], broken)
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    rows[0]["images"] = [str(broken)]
+    path = tmp_path / "classify.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = VisionConfig(output_dir=str(tmp_path / "v"), tokenizer=str(llm_dir), model_config=TINY_CLIP,
+                       train_data=[str(path)], train_split="", eval_split="", objective="classify",
+                       micro_batch_size=4, max_steps=1, eval_every=0, save_every=0, num_workers=1,
+                       skip_invalid=skip_invalid, ds_config="ds_configs/zero3_fp32.json")
+    if not skip_invalid:
+        with pytest.raises(SystemExit, match=rf"bad record: train: .*{rows[0]['id']}.*image does not decode.*"
+                                             r"truncated\.png") as e:
+            main(cfg)
+        assert "\n" not in str(e.value)
+        return
+    result = main(cfg)
+    assert [h["step"] for h in result["history"] if "loss" in h] == [1]
+    replaced = [x for x in capsys.readouterr().out.splitlines() if "replaced by a blank image" in x]
+    assert replaced and "truncated.png" in replaced[0] and rows[0]["id"] in replaced[0]
