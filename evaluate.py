@@ -59,6 +59,13 @@ class EvalConfig:
     goals: dict = field(default_factory=dict)
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the GPU when one is visible, else the CPU
+    # `model` may also be a PEFT LoRA adapter directory (a run's output_dir/adapter): it is merged onto `base` (empty =
+    # the base its adapter_config.json names), cut to its leading `rank` components first when rank > 0 (lora_dynamic_rank
+    # runs train every rank in [lora_rank_min, r]); `ranks` evaluates each into output_dir/rank_<r>/ and writes one row
+    # per rank to output_dir/ranks.json and report.md
+    base: str = ""
+    rank: int = 0
+    ranks: list[int] = field(default_factory=list)
 
 
 def progress_printer(what: str):
@@ -196,11 +203,53 @@ def training_summary(run_dir: str) -> dict:
     return row
 
 
+def load_model(cfg: EvalConfig, device):
+    """(model, processor, is_vlm) of `model`: a saved model directory, or a LoRA adapter merged onto its base (cut to
+    `rank` first)."""
+    from semivlm.model import adapter_base, merge_adapter
+
+    if not (Path(cfg.model) / "adapter_config.json").is_file():
+        if cfg.rank or cfg.base:
+            raise SystemExit(f"rank/base need model to be a LoRA adapter directory (e.g. a run's output_dir/adapter); "
+                             f"'{cfg.model}' has no adapter_config.json")
+        return ev.load_model(cfg.model, getattr(torch, cfg.dtype), device=device)
+    model, processor, is_vlm = ev.load_model(adapter_base(cfg.model, cfg.base), getattr(torch, cfg.dtype))
+    return merge_adapter(model, cfg.model, cfg.rank).to(device), processor, is_vlm
+
+
+def sweep_ranks(cfg: EvalConfig) -> dict:
+    """One evaluation per rank of one adapter (output_dir/rank_<r>/) and a table with one row per rank."""
+    from dataclasses import replace
+
+    from semivlm.model import adapter_ranks, check_rank
+
+    if not (Path(cfg.model) / "adapter_config.json").is_file():
+        raise SystemExit(f"ranks need model to be a LoRA adapter directory; '{cfg.model}' has no adapter_config.json")
+    rank_min, r = adapter_ranks(cfg.model)
+    for rank in cfg.ranks:  # all refused before any is evaluated
+        check_rank(rank, r, rank_min, "ranks: rank")
+    out = Path(cfg.output_dir)
+    rows = []
+    for rank in cfg.ranks:
+        result = main(replace(cfg, ranks=[], rank=rank, output_dir=str(out / f"rank_{rank}"),
+                              name=f"{cfg.name or cfg.model} rank {rank}"))
+        rows.append({"rank": rank, **result["headline"]})
+    columns = ["rank"] + [k for k in HEADLINE if any(row.get(k) is not None for row in rows)]
+    ev.save_json(out / "ranks.json", {"model": cfg.model, "r": r, "rank_min": rank_min, "rows": rows})
+    text = (f"# `{cfg.model}` truncated to each rank\n\nadapter rank {r}, trained down to {rank_min}; each row merges "
+            f"its leading components only (rank_<r>/ holds that evaluation)\n\n{metrics.markdown_table(rows, columns)}")
+    (out / "report.md").write_text(text)
+    print(text)
+    return {"rows": rows}
+
+
 def main(cfg: EvalConfig) -> dict:
     if not cfg.output_dir:
         raise SystemExit("output_dir is required")
     if cfg.compare:
         return compare(cfg)
+    if cfg.ranks:
+        return sweep_ranks(cfg)
     if not cfg.model:
         raise SystemExit("model is required (a saved model directory), or --compare DIRS")
     out = Path(cfg.output_dir)
@@ -208,7 +257,7 @@ def main(cfg: EvalConfig) -> dict:
 
     # ---- model and records, by task
     device = ev.pick_device(cfg.device)
-    model, processor, is_vlm = ev.load_model(cfg.model, getattr(torch, cfg.dtype), device=device)
+    model, processor, is_vlm = load_model(cfg, device)
     records = ev.read_records(cfg.data, cfg.split)
     by_task: dict[str, list] = {}
     for r, root in records:

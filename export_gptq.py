@@ -55,23 +55,28 @@ class ExportConfig:
     eval_split: str = "test"
     eval_limit: int = 100
     seed: int = 0
+    # with an adapter `model`: merge only its leading `rank` components (0 = as trained), e.g. one rank of a
+    # lora_dynamic_rank run; the adapter is truncated to rank r' (PEFT then scales it alpha/r', as it was trained)
+    rank: int = 0
 
 
 # ---------------------------------------------------------------- model
 
-def load_merged(path: str):
+def load_merged(path: str, rank: int = 0):
     """(model, processor or tokenizer, is_vlm, directory of the unquantised weights). A LoRA adapter directory is merged onto the base
     its adapter_config.json names, so the quantised model serves without PEFT."""
     adapter = Path(path) / "adapter_config.json"
     if not adapter.is_file():
+        if rank:
+            raise SystemExit(f"rank {rank} needs model to be a LoRA adapter directory; '{path}' has no adapter_config.json")
         model, processor, is_vlm = ev.load_model(path)
         return model, processor, is_vlm, path, path
-    from peft import PeftConfig, PeftModel
+    from semivlm.model import adapter_base, merge_adapter
 
-    base = PeftConfig.from_pretrained(path).base_model_name_or_path
+    base = adapter_base(path)
     model, processor, is_vlm = ev.load_model(base)
-    model = PeftModel.from_pretrained(model, path).merge_and_unload().eval()
-    return model, processor, is_vlm, f"{base} + LoRA {path} (merged)", base
+    model = merge_adapter(model, path, rank)
+    return model, processor, is_vlm, f"{base} + LoRA {path}{f' at rank {rank}' if rank else ''} (merged)", base
 
 
 def check_group_size(model, group_size: int) -> None:
@@ -262,7 +267,7 @@ def main(cfg: ExportConfig) -> dict:
     out, tmp = Path(cfg.output_dir), Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".tmp")
 
     # ---- model (LoRA merged), calibration data, held-out records
-    model, processor, is_vlm, source, weights_dir = load_merged(cfg.model)
+    model, processor, is_vlm, source, weights_dir = load_merged(cfg.model, cfg.rank)
     check_group_size(model, cfg.group_size)
     examples = calibration_set(cfg, processor, is_vlm)
     eval_rows = ev.read_records(cfg.eval_data, cfg.eval_split)[:cfg.eval_limit] if cfg.eval_data else []

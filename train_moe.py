@@ -38,7 +38,7 @@ from semivlm.config import load_config
 from semivlm.data import RecordError, exit_on_bad_record, read_jsonl, record_task
 from semivlm.loop import (TrainConfig, causal_lm_loss, make_accelerator, random_order, supervised_tokens,
                           train, zero_stage)
-from semivlm.model import apply_liger, resolve_attn_implementation
+from semivlm.model import apply_liger, enable_dynamic_rank, resolve_attn_implementation
 
 # stage -> what it trains, what `init_from` must be, which record tasks it reads, default learning rates (MoE-LLaVA:
 # 1e-3 for stage I, 2e-5 for stages II and III; the projector keeps the LLM's rate in stage II)
@@ -55,6 +55,7 @@ STAGES = {
 STAGE_FIELDS = {"vision_tower": ("projector",), "vision_config": ("projector",), "vision_feature_layer": ("projector",),
                 "vision_feature_select_strategy": ("projector",), "unfreeze_vision_tower": ("llm", "moe"),
                 "lora_r": ("llm",), "lora_alpha": ("llm",), "lora_dropout": ("llm",),
+                "lora_dynamic_rank": ("llm", "moe"), "lora_rank_min": ("llm", "moe"),
                 **{k: ("moe",) for k in ("train_attention", "moe_lora_r", "moe_lora_alpha", "num_experts", "top_k",
                                          "moe_every", "router_aux_loss_coef", "router_z_loss_coef")}}
 
@@ -82,6 +83,10 @@ class MoEConfig(TrainConfig):
     lora_dropout: float = 0.05
     moe_lora_r: int = 0  # moe stage: LoRA on the experts (PEFT target_parameters), routers trained in full
     moe_lora_alpha: int = 32
+    # llm/moe stages: DyLoRA-style nested rank for the stage's LoRA (lora_r or moe_lora_r): each step trains the leading
+    # r' ~ U[lora_rank_min, r] components (model.DynamicRank); evaluate.py / export_gptq.py `rank` truncate the adapter
+    lora_dynamic_rank: bool = False
+    lora_rank_min: int = 1
     num_experts: int = 4
     top_k: int = 2
     moe_every: int = 1  # 2 = MoE on every other layer (Qwen3Moe only; MoE-LLaVA's default)
@@ -389,6 +394,11 @@ def prepare_stage_model(cfg: MoEConfig, model, accelerator):
         model.enable_input_require_grads()
     if cfg.lora_r > 0 or cfg.moe_lora_r > 0:
         model, lora_config = wrap_lora(cfg, model, groups)
+    if cfg.lora_dynamic_rank:  # the loop's before_step draws each step's rank: model.dynamic_rank.set_step
+        if lora_config is None:
+            raise SystemExit(f"lora_dynamic_rank needs LoRA on the {cfg.stage} stage: set "
+                             f"{'moe_lora_r' if cfg.stage == 'moe' else 'lora_r'} > 0")
+        enable_dynamic_rank(model, cfg.lora_rank_min, cfg.seed)
     return model, groups, probe, lora_config
 
 
@@ -522,7 +532,8 @@ def run(cfg: MoEConfig) -> dict:
                    param_groups=param_groups(cfg, groups), lora_config=lora_config, seq_len=cfg.max_length,
                    permutation=permutation, on_start=on_start, artifacts=routing_files if probe else None,
                    batch_loader=record_index.batch_loader(cfg.num_workers, report,
-                                                          pin_memory=accelerator.device.type == "cuda"))
+                                                          pin_memory=accelerator.device.type == "cuda"),
+                   before_step=model.dynamic_rank.set_step if cfg.lora_dynamic_rank else None)
 
     # ---- held-out category accuracy of the exported model (main process; the others wait)
     if result["final_dir"] and cfg.classify_eval > 0 and accelerator.is_main_process:

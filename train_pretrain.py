@@ -21,7 +21,7 @@ import torch
 
 from semivlm.config import load_config
 from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage
-from semivlm.model import (apply_liger, apply_lora, build_causal_lm, load_tokenizer,
+from semivlm.model import (apply_liger, apply_lora, build_causal_lm, enable_dynamic_rank, load_tokenizer,
                            resolve_attn_implementation)
 
 
@@ -30,6 +30,10 @@ class PretrainConfig(TrainConfig):
     lora_r: int = 0  # 0 = full fine-tuning
     lora_alpha: int = 32
     lora_dropout: float = 0.0
+    # DyLoRA-style nested rank: each step trains the leading r' ~ U[lora_rank_min, lora_r] components of every adapter
+    # (model.DynamicRank), so one adapter serves each of those ranks once truncated (evaluate.py / export_gptq.py rank)
+    lora_dynamic_rank: bool = False
+    lora_rank_min: int = 1
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
@@ -88,13 +92,17 @@ def main(cfg: PretrainConfig) -> dict:
     if top_id >= vocab:
         raise SystemExit(f"train_data '{cfg.train_data}' holds token id {top_id} but the model's vocabulary has "
                          f"{vocab} entries: was it built with a different tokenizer than '{cfg.tokenizer}'?")
-    lora_config = None
+    lora_config, dynamic = None, None
+    if cfg.lora_dynamic_rank and cfg.lora_r <= 0:
+        raise SystemExit("lora_dynamic_rank needs LoRA: set lora_r > 0")
     if cfg.lora_r > 0:
         model, lora_config = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        if cfg.lora_dynamic_rank:
+            dynamic = enable_dynamic_rank(model, cfg.lora_rank_min, cfg.seed)
 
     # ---- train, evaluate, export
     result = train(cfg, accelerator, model, tokenizer, train_blocks, eval_blocks, collate_blocks,
-                   lora_config=lora_config, seq_len=seq_len)
+                   lora_config=lora_config, seq_len=seq_len, before_step=dynamic.set_step if dynamic else None)
     evals = [h for h in result["history"] if "eval_ppl" in h]
     if len(evals) >= 2:
         accelerator.print(f"held-out perplexity {evals[0]['eval_ppl']:.2f} -> {evals[-1]['eval_ppl']:.2f}")

@@ -28,7 +28,7 @@ from semivlm import chat, dpo
 from semivlm.config import load_config
 from semivlm.data import RecordError, exit_on_bad_record, read_jsonl
 from semivlm.loop import TrainConfig, make_accelerator, train, zero_stage
-from semivlm.model import (apply_liger, apply_lora, build_causal_lm, load_tokenizer,
+from semivlm.model import (apply_liger, apply_lora, build_causal_lm, enable_dynamic_rank, load_tokenizer,
                            resolve_attn_implementation)
 
 
@@ -44,6 +44,10 @@ class SFTConfig(TrainConfig):
     lora_r: int = 0  # 0 = full fine-tuning
     lora_alpha: int = 32
     lora_dropout: float = 0.0
+    # DyLoRA-style nested rank: each step trains the leading r' ~ U[lora_rank_min, lora_r] components of every adapter
+    # (model.DynamicRank), so one adapter serves each of those ranks once truncated (evaluate.py / export_gptq.py rank)
+    lora_dynamic_rank: bool = False
+    lora_rank_min: int = 1
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     quantization: Literal["none", "nf4"] = "none"  # nf4 = QLoRA (bitsandbytes, double quantisation, bf16 compute)
@@ -82,8 +86,12 @@ def load_model(cfg: SFTConfig, accelerator, tokenizer):
         model = build_causal_lm(cfg.init_from, cfg.model_config, len(tokenizer), accelerator.param_dtype, attn)
     accelerator.print(f"attention {attn} | liger {apply_liger(model, cfg.liger, zero_stage(accelerator))}")
     lora_config = None
+    if cfg.lora_dynamic_rank and cfg.lora_r <= 0:
+        raise SystemExit("lora_dynamic_rank needs LoRA: set lora_r > 0")
     if cfg.lora_r > 0:
         model, lora_config = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        if cfg.lora_dynamic_rank:
+            enable_dynamic_rank(model, cfg.lora_rank_min, cfg.seed)
     elif cfg.objective == "dpo" and cfg.dpo_reference == "adapter_off":
         raise SystemExit("dpo_reference: adapter_off needs LoRA (lora_r > 0); use precomputed for full fine-tuning")
     return model, lora_config
@@ -154,9 +162,11 @@ def run(cfg: SFTConfig) -> dict:
 
     # ---- train, evaluate, export (merged when LoRA/QLoRA)
     extra = {"loss_fn": loss_fn} if loss_fn else {}
+    dynamic = getattr(model, "dynamic_rank", None)
     result = train(cfg, accelerator, model, tokenizer, train_set, eval_set, collate, lora_config=lora_config,
                    seq_len=cfg.max_length, permutation=permutation, on_start=on_start,
-                   base_for_merge=cfg.init_from if cfg.quantization != "none" else None, **extra)
+                   base_for_merge=cfg.init_from if cfg.quantization != "none" else None,
+                   before_step=dynamic.set_step if dynamic else None, **extra)
     accelerator.end_training()
     return result
 

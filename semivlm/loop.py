@@ -494,7 +494,8 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
           seq_len: int | None = None, permutation: Callable[[int], np.ndarray] | None = None,
           on_start: Callable | None = None, base_for_merge: str | None = None,
           artifacts: Callable[[], tuple[dict[str, str], dict[str, float]]] | None = None,
-          train_flops_per_token: float | None = None, batch_loader: Callable | None = None) -> dict:
+          train_flops_per_token: float | None = None, batch_loader: Callable | None = None,
+          before_step: Callable[[int], None] | None = None) -> dict:
     """Train `model` for cfg.max_steps optimizer steps, or cfg.epochs passes over `train_dataset`; returns
     {"history": [...], "final_dir": path | None, "stopped_early": bool, "max_steps": the run's step count}.
 
@@ -504,7 +505,9 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     {name: scalar} recorded at that step like the log line's), e.g. routing statistics and shares.
     `train_flops_per_token` replaces the decoder formula of model.flops_per_token for models it does not describe
     (e.g. a two-tower CLIP, whose image and text tokens pass different towers). `batch_loader(StepBatches)` may
-    wrap the micro-batch source, e.g. record_index.batch_loader's DataLoader workers (same indices, same order)."""
+    wrap the micro-batch source, e.g. record_index.batch_loader's DataLoader workers (same indices, same order).
+    `before_step(step)` runs on every rank before the micro-batches of optimizer step `step` (0-based; after a resume
+    too), e.g. model.DynamicRank.set_step, which fixes the LoRA sub-rank all of that step's forwards train."""
     out = Path(cfg.output_dir)
     main = accelerator.is_main_process
     log = accelerator.print
@@ -618,6 +621,8 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     step, stopped_early, t_start = start_step, False, time.perf_counter()
     while step < cfg.max_steps:
         t0 = time.perf_counter()
+        if before_step is not None:
+            before_step(step)
         window = batches_for(step)
         data_wait = time.perf_counter() - t0  # waiting for this step's micro-batches (decoded, collated)
         empty = order.empty(step)  # stand-ins past the end of an epochs run: weight 0, not counted

@@ -4,7 +4,9 @@ Everything here returns plain Hugging Face objects; nothing needs custom modelli
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,6 +68,196 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[s
     lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                              task_type="CAUSAL_LM")
     return get_peft_model(model, lora_config), lora_config
+
+
+# ---------------------------------------------------------------- dynamic rank (DyLoRA; sLAVA's DyA)
+
+class DynamicRank:
+    """Nested dynamic rank for every PEFT LoRA layer of `model`, as DyLoRA (Valipour et al., EACL 2023) and sLAVA's
+    DyA train it: at each optimizer step only the leading r' components of every adapter take part in the forward
+    (the first r' rows of lora_A, the first r' columns of lora_B), so they alone get gradients, and one adapter
+    serves every rank in [rank_min, r] once truncated (`truncate_adapter`).
+
+    r' is drawn uniformly from [rank_min, r] as a function of (seed, step) only (`set_step`, called by the training
+    loop's `before_step`): every micro-batch of a step and every process use the same r', and a resumed run draws what
+    the uninterrupted one drew. Outside training mode (held-out eval inside the loop) the full rank r is used.
+
+    Scaling alpha/r', as DyLoRA (its forward is W0·x + (alpha/b)·B[:, :b]·A[:b]·x for sampled b): the sub-adapter
+    trained at a step is then exactly the rank-r' adapter PEFT builds from the truncated weights with `r = r'` (PEFT
+    scales by lora_alpha / r), so a truncated adapter is evaluated as the function it was trained as, with no alpha
+    rewrite. (alpha/r would shrink a truncated adapter's update by r'/r relative to how a rank-r' LoRA is scaled.)
+
+    Mechanism, without slicing any parameter (ZeRO-3 partitions them; slices would also break the checkpoint layout):
+    - LoRA layers that call lora_A as a module (Linear, bitsandbytes Linear4bit/8bit): a forward hook multiplies
+      lora_A's output (the rank axis, last) by a mask of r/r' on the first r' components and 0 beyond. Masking A's
+      output is enough: the components beyond r' then contribute nothing, and both lora_A's rows and lora_B's
+      columns beyond r' get zero gradient.
+    - PEFT's ParamWrapper on fused 3-D expert tensors (target_parameters), which never calls lora_A but reads its
+      weight in `get_delta_factors` (delta = scaling · lhs @ rhs, rank the inner axis) or `get_delta_weight`: this
+      instance's two methods are wrapped to mask the rank axis of lhs the same way (PEFT has no hook there).
+    As with DyLoRA's own code, AdamW still moves components beyond r' by their earlier momentum and weight decay at
+    steps where they get no gradient.
+    """
+
+    def __init__(self, model, rank_min: int, seed: int):
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.layer import ParamWrapper
+
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        if not layers:
+            raise SystemExit("lora_dynamic_rank: the model has no LoRA adapters (set the stage's LoRA rank > 0)")
+        self.r = max(r for m in layers for r in m.r.values())
+        r_small = min(r for m in layers for r in m.r.values())
+        if not 1 <= rank_min <= r_small:
+            raise SystemExit(f"lora_rank_min {rank_min} is outside [1, {r_small}] (the adapters' rank)")
+        self.rank_min, self.seed = rank_min, seed
+        self.rank: int | None = None  # None = full rank (before the first step, or never set)
+        self.handles = []
+        for layer in layers:
+            if isinstance(layer, ParamWrapper):
+                self._wrap_param_wrapper(layer)
+                continue
+            for adapter, lora_a in layer.lora_A.items():
+                if not isinstance(lora_a, torch.nn.Linear):
+                    raise SystemExit(f"lora_dynamic_rank: LoRA layer {type(layer).__name__} ({type(lora_a).__name__} "
+                                     "lora_A) is not supported: only Linear-style LoRA and expert ParamWrapper are")
+                self.handles.append(lora_a.register_forward_hook(partial(self._mask_output, r=layer.r[adapter])))
+
+    def draw(self, step: int) -> int:
+        """r' of optimizer step `step` (0-based): uniform over [rank_min, r], fixed by (seed, step)."""
+        import numpy as np
+
+        return int(np.random.default_rng((0x44794C, self.seed, step)).integers(self.rank_min, self.r + 1))
+
+    def set_step(self, step: int) -> None:
+        """The training loop's `before_step`: every forward of this step trains the leading `draw(step)` components."""
+        self.rank = self.draw(step)
+
+    def set_rank(self, rank: int | None) -> None:
+        """Train (or run in training mode) at a fixed sub-rank, e.g. a benchmark at r/2; None = full rank."""
+        if rank is not None:
+            check_rank(rank, self.r, self.rank_min, "rank")
+        self.rank = rank
+
+    def mask(self, r: int, like: torch.Tensor, training: bool) -> torch.Tensor | None:
+        """(r,) weights of the rank axis for a layer of rank r: r/r' on the first r', 0 beyond; None = leave as is."""
+        if not training or self.rank is None or self.rank >= r:
+            return None
+        keep = torch.arange(r, device=like.device) < self.rank
+        return keep.to(like.dtype) * (r / self.rank)
+
+    def _mask_output(self, module, args, output, r: int):
+        mask = self.mask(r, output, module.training)
+        return output if mask is None else output * mask
+
+    def _wrap_param_wrapper(self, layer) -> None:
+        if layer.num_experts <= 1:
+            raise SystemExit(f"lora_dynamic_rank: LoRA on the 2-D parameter '{layer.parameter_name}' "
+                             "(target_parameters) is not supported; target its module instead")
+        factors, delta_weight = layer.get_delta_factors, layer.get_delta_weight
+
+        def masked_factors(adapter_name):
+            lhs, rhs, scaling = factors(adapter_name)
+            mask = self.mask(layer.r[adapter_name], lhs, layer.training)
+            return (lhs if mask is None else lhs * mask), rhs, scaling
+
+        def masked_delta_weight(adapter_name, *args, **kwargs):
+            if self.mask(layer.r[adapter_name], layer.lora_A[adapter_name].weight, layer.training) is None:
+                return delta_weight(adapter_name, *args, **kwargs)
+            lhs, rhs, scaling = masked_factors(adapter_name)  # (E, X, r) @ (E, r, Y): get_delta_weight's layout
+            param = layer.get_param()
+            delta = scaling * (lhs.float() @ rhs.float())
+            return delta.to(param.device, param.dtype if param.dtype.is_floating_point and param.element_size() >= 2
+                            else delta.dtype)
+
+        layer.get_delta_factors, layer.get_delta_weight = masked_factors, masked_delta_weight
+
+
+def enable_dynamic_rank(model, rank_min: int, seed: int) -> DynamicRank:
+    """Nested dynamic rank on every LoRA adapter of `model` (see DynamicRank); kept on the model as
+    `model.dynamic_rank` so that what prepared the model and what trains it can both reach it. Returns it."""
+    model.dynamic_rank = DynamicRank(model, rank_min, seed)
+    return model.dynamic_rank
+
+
+def check_rank(rank: int, r: int, rank_min: int = 1, what: str = "rank") -> None:
+    """A rank to truncate to or train at must be one the adapter was trained at: in [rank_min, r]."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or not rank_min <= rank <= r:
+        raise SystemExit(f"{what} {rank!r} is outside [{rank_min}, {r}], the ranks this adapter was trained at")
+
+
+def adapter_ranks(adapter_dir: str | Path) -> tuple[int, int]:
+    """(rank_min, r) a PEFT adapter directory serves: r from adapter_config.json; rank_min from the run's
+    run_config.json beside it (a train_*.py output_dir/adapter) when that run trained with lora_dynamic_rank, else 1
+    (a fixed-rank adapter can be truncated too, only not as well)."""
+    d = Path(adapter_dir)
+    config = _adapter_config(d)
+    run_config = d.parent / "run_config.json"
+    run = json.loads(run_config.read_text()) if run_config.is_file() else {}
+    return (int(run.get("lora_rank_min", 1)) if run.get("lora_dynamic_rank") else 1), int(config["r"])
+
+
+def _adapter_config(d: Path) -> dict:
+    path = d / "adapter_config.json"
+    if not path.is_file():
+        raise SystemExit(f"'{d}' is not a LoRA adapter directory (no adapter_config.json)")
+    config = json.loads(path.read_text())
+    if config.get("rank_pattern"):
+        raise SystemExit(f"{path}: adapters with a rank_pattern (per-layer ranks) cannot be truncated to one rank")
+    return config
+
+
+def truncate_adapter(adapter_dir: str | Path, rank: int, out_dir: str | Path) -> Path:
+    """Write `adapter_dir` cut to its leading `rank` components into `out_dir`: the first `rank` rows of every lora_A
+    and columns of every lora_B, and `r: rank` in adapter_config.json, so PEFT scales it by lora_alpha / rank (the
+    scaling dynamic-rank training used at that rank). Fused-expert adapters (ParamWrapper) hold E experts' ranks in
+    one matrix, lora_A rows expert-major (E, r) and lora_B columns rank-major (r, E), as PEFT lays them out."""
+    from safetensors.torch import load_file, save_file
+
+    d, out = Path(adapter_dir), Path(out_dir)
+    config = _adapter_config(d)
+    rank_min, _ = adapter_ranks(d)
+    check_rank(rank, int(config["r"]), rank_min)
+    r = int(config["r"])
+    weights_file = d / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise SystemExit(f"'{d}' holds no adapter_model.safetensors")
+    cut = {}
+    for key, w in load_file(str(weights_file)).items():
+        if ".lora_A." in key and key.endswith("weight") and w.ndim == 2:
+            if w.shape[0] % r:
+                raise SystemExit(f"{weights_file}: {key} has {w.shape[0]} rows, not a multiple of r {r}")
+            w = w.reshape(w.shape[0] // r, r, -1)[:, :rank].reshape(-1, w.shape[1])
+        elif ".lora_B." in key and key.endswith("weight") and w.ndim == 2:
+            if w.shape[1] % r:
+                raise SystemExit(f"{weights_file}: {key} has {w.shape[1]} columns, not a multiple of r {r}")
+            w = w.reshape(w.shape[0], r, -1)[:, :rank].reshape(w.shape[0], -1)
+        cut[key] = w.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(cut, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({**config, "r": rank}, indent=2) + "\n")
+    return out
+
+
+def adapter_base(adapter_dir: str | Path, base: str = "") -> str:
+    """The model an adapter is merged onto: `base` when given, else the one its adapter_config.json names."""
+    base = base or _adapter_config(Path(adapter_dir)).get("base_model_name_or_path") or ""
+    if not base:
+        raise SystemExit(f"adapter '{adapter_dir}' names no base model (base_model_name_or_path): set `base`")
+    return base
+
+
+def merge_adapter(model, adapter_dir: str | Path, rank: int = 0):
+    """`model` with the PEFT adapter of `adapter_dir` merged in (plain HF model out), cut to its leading `rank`
+    components first when rank > 0."""
+    import tempfile
+
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = truncate_adapter(adapter_dir, rank, tmp) if rank else adapter_dir
+        merged = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
+    return merged.eval()
 
 
 def numel(p: torch.nn.Parameter) -> int:
