@@ -121,7 +121,8 @@ def iter_records(cfg: MoEConfig, files: list[str], split: str, tasks: tuple[str,
             for r in read_jsonl(path, skip_bad=cfg.skip_invalid):
                 task = record_task(r)
                 if (not split or r.get("meta", {}).get("split", split) == split) and (cfg.objective == "dpo" or task in tasks):
-                    if cfg.record_fraction >= 1 or kept_share(r.get("id"), cfg.seed) < cfg.record_fraction:
+                    if cfg.record_fraction >= 1 or kept_share(r.get("id") or json.dumps(r, sort_keys=True),
+                                                              cfg.seed) < cfg.record_fraction:
                         yield r, Path(path).parent
         except RecordError as e:
             raise SystemExit(str(e)) from None
