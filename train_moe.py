@@ -56,7 +56,9 @@ STAGE_FIELDS = {"vision_tower": ("projector",), "vision_config": ("projector",),
                 "vision_feature_select_strategy": ("projector",), "unfreeze_vision_tower": ("llm", "moe"),
                 "lora_r": ("llm",), "lora_alpha": ("llm",), "lora_dropout": ("llm",),
                 "lora_dynamic_rank": ("llm", "moe"), "lora_rank_min": ("llm", "moe"),
-                **{k: ("moe",) for k in ("train_attention", "moe_lora_r", "moe_lora_alpha", "num_experts", "top_k",
+                "quantization": ("llm", "moe"),
+                **{k: ("moe",) for k in ("train_attention", "moe_lora_r", "moe_lora_alpha", "moe_lora_dropout",
+                                         "num_experts", "top_k",
                                          "moe_every", "router_aux_loss_coef", "router_z_loss_coef")}}
 
 
@@ -83,6 +85,11 @@ class MoEConfig(TrainConfig):
     lora_dropout: float = 0.05
     moe_lora_r: int = 0  # moe stage: LoRA on the experts (PEFT target_parameters), routers trained in full
     moe_lora_alpha: int = 32
+    # > 0: expert LoRA with dropout, on per-expert nn.Linear (moe.unfuse_experts; no grouped_mm), fused at export
+    moe_lora_dropout: float = 0.0
+    # nf4 = QLoRA (llm stage with lora_r, moe stage with moe_lora_r): the decoder layers' Linears frozen in 4-bit
+    # (bitsandbytes nf4, double quantisation, bf16 compute); routers, projector, tower, embeddings stay as loaded
+    quantization: Literal["none", "nf4"] = "none"
     # llm/moe stages: DyLoRA-style nested rank for the stage's LoRA (lora_r or moe_lora_r): each step trains the leading
     # r' ~ U[lora_rank_min, r] components (model.DynamicRank); evaluate.py / export_gptq.py `rank` truncate the adapter
     lora_dynamic_rank: bool = False
@@ -301,7 +308,8 @@ def set_trainable(cfg: MoEConfig, model) -> dict[str, list[torch.nn.Parameter]]:
                 else "routers" if name in sparse and name.endswith("mlp.gate.weight") else "experts" if name in sparse
                 else "attention" if "self_attn" in name else "llm")
         on = (kind in trains or (kind in ("experts", "routers", "attention") and "llm" in trains)) and name not in unused
-        lora_instead = (cfg.moe_lora_r > 0 and kind == "experts") or (cfg.lora_r > 0 and kind in ("llm", "attention"))
+        lora_instead = (cfg.moe_lora_r > 0 and kind == "experts") or (cfg.lora_r > 0 and kind in ("llm", "attention")) \
+            or (cfg.quantization == "nf4" and kind == "attention")  # 4-bit attention trains as LoRA (train_attention)
         p.requires_grad_(on and not lora_instead)
         if p.requires_grad:
             groups["projector" if kind == "projector" else "vision" if kind == "vision" else "rest"].append(p)
@@ -390,6 +398,14 @@ def prepare_stage_model(cfg: MoEConfig, model, accelerator):
         accelerator.print(f"experts {moe.set_experts_implementation(model, accelerator.device.type, cfg.experts_implementation)}"
                           f" | ZeRO-3 leaf modules {moe.register_zero3_leaf_modules(model)}")
         probe = moe.RouterProbe(model)
+    check_lora_settings(cfg, accelerator)
+    if experts_unfused(cfg):
+        accelerator.print(f"experts of {moe.unfuse_experts(model)} MoE blocks unfused into per-expert Linears "
+                          f"(LoRA dropout {cfg.moe_lora_dropout}, quantization {cfg.quantization})")
+    if cfg.quantization == "nf4":
+        accelerator.print(f"nf4: {moe.quantize_nf4(model, accelerator.device)} decoder Linears quantised on "
+                          f"{accelerator.device} (double quantisation, bf16 compute); routers, projector, vision tower,"
+                          f" embeddings and norms as loaded")
     groups = set_trainable(cfg, model)
     if cfg.stage == "moe":  # everything before the first MoE block is frozen: ZeRO-3's backward needs input grads
         model.enable_input_require_grads()
@@ -401,6 +417,29 @@ def prepare_stage_model(cfg: MoEConfig, model, accelerator):
                              f"{'moe_lora_r' if cfg.stage == 'moe' else 'lora_r'} > 0")
         enable_dynamic_rank(model, cfg.lora_rank_min, cfg.seed)
     return model, groups, probe, lora_config
+
+
+def experts_unfused(cfg: MoEConfig) -> bool:
+    """Expert LoRA on per-expert Linears (moe.unfuse_experts): needed for its dropout and for nf4. Otherwise LoRA
+    goes on the fused tensors (PEFT target_parameters), which keeps grouped_mm."""
+    return cfg.stage == "moe" and cfg.moe_lora_r > 0 and (cfg.moe_lora_dropout > 0 or cfg.quantization == "nf4")
+
+
+def check_lora_settings(cfg: MoEConfig, accelerator) -> None:
+    """One line for each LoRA/QLoRA setting that cannot run: nf4 without LoRA, with ZeRO-3, or without a working
+    bitsandbytes on this device; expert-LoRA dropout without expert LoRA or under ZeRO-3."""
+    rank = "moe_lora_r" if cfg.stage == "moe" else "lora_r"
+    if cfg.moe_lora_dropout and cfg.moe_lora_r <= 0:
+        raise SystemExit("moe_lora_dropout needs expert LoRA: set moe_lora_r > 0")
+    if cfg.quantization == "nf4":
+        if getattr(cfg, rank) <= 0:
+            raise SystemExit(f"quantization: nf4 (QLoRA) trains LoRA on a frozen 4-bit base: set {rank} > 0")
+        if zero_stage(accelerator) == 3:  # ZeRO-3 would partition the packed 4-bit weights and their quant states
+            raise SystemExit("quantization: nf4 is not supported under ZeRO-3; use ds_configs/zero2.json or one GPU")
+        moe.check_nf4(accelerator.device)
+    if experts_unfused(cfg) and zero_stage(accelerator) == 3:  # the conversion needs whole, unpartitioned experts
+        raise SystemExit("moe_lora_dropout > 0 is not supported under ZeRO-3 (the experts are converted to per-expert "
+                         "Linears after loading); use ds_configs/zero2.json, or moe_lora_dropout 0")
 
 
 # the LLM's projections in the llm stage; the vision tower (CLIP/SigLIP q/k/v/out_proj, fc1/fc2) and projector excluded
@@ -416,7 +455,10 @@ def wrap_lora(cfg: MoEConfig, model, groups: dict):
 
     from peft import LoraConfig, get_peft_model
 
-    if cfg.stage == "moe":
+    if experts_unfused(cfg):  # train_attention under nf4: attention is 4-bit, so it trains as LoRA too
+        train_config = moe.unfused_expert_lora_config(cfg.moe_lora_r, cfg.moe_lora_alpha, cfg.moe_lora_dropout,
+                                                      attention=cfg.quantization == "nf4" and cfg.train_attention)
+    elif cfg.stage == "moe":
         train_config = moe.expert_lora_config(model, cfg.moe_lora_r, cfg.moe_lora_alpha)
     else:
         train_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -458,6 +500,7 @@ def run(cfg: MoEConfig) -> dict:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
     # ---- the starting model, loaded partitioned under ZeRO-3 (after the Accelerator set the config up)
+    check_lora_settings(cfg, accelerator)  # before upcycling and loading, which take minutes on a real model
     start = starting_model_dir(cfg, accelerator)
     attn = resolve_attn_implementation(cfg.attn_implementation)
     model, processor = vlm.load_vlm(start, accelerator.param_dtype, attn)
@@ -534,7 +577,10 @@ def run(cfg: MoEConfig) -> dict:
                    permutation=permutation, on_start=on_start, artifacts=routing_files if probe else None,
                    batch_loader=record_index.batch_loader(cfg.num_workers, report,
                                                           pin_memory=accelerator.device.type == "cuda"),
-                   before_step=model.dynamic_rank.set_step if cfg.lora_dynamic_rank else None)
+                   before_step=model.dynamic_rank.set_step if cfg.lora_dynamic_rank else None,
+                   # QLoRA: the adapter merges onto the unquantised starting model; unfused experts are fused back
+                   base_for_merge=str(start) if cfg.quantization == "nf4" else None,
+                   export_layout=(moe.unfuse_experts, moe.fuse_experts) if experts_unfused(cfg) else None)
 
     # ---- held-out category accuracy of the exported model (main process; the others wait)
     if result["final_dir"] and cfg.classify_eval > 0 and accelerator.is_main_process:

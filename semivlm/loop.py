@@ -495,7 +495,8 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
           on_start: Callable | None = None, base_for_merge: str | None = None,
           artifacts: Callable[[], tuple[dict[str, str], dict[str, float]]] | None = None,
           train_flops_per_token: float | None = None, batch_loader: Callable | None = None,
-          before_step: Callable[[int], None] | None = None) -> dict:
+          before_step: Callable[[int], None] | None = None, export_layout: tuple[Callable, Callable] | None = None
+          ) -> dict:
     """Train `model` for cfg.max_steps optimizer steps, or cfg.epochs passes over `train_dataset`; returns
     {"history": [...], "final_dir": path | None, "stopped_early": bool, "max_steps": the run's step count}.
 
@@ -700,7 +701,7 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
     final = None
     if not stopped_early:
         final = ckpt.export_final(accelerator, model, tokenizer, out, run_config, lora_config, base_for_merge,
-                                  artifact_files(step))
+                                  artifact_files(step), layout=export_layout)
         if main:
             (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         log(f"exported {final}")

@@ -149,6 +149,7 @@ CONFIG_CLASSES = {"base": ("data_prep.gguf_to_hf", "GGUFConfig"), "corpus": ("da
                   "dpo": ("train_sft", "SFTConfig"), "vision": ("train_vision", "VisionConfig"),
                   "projector": ("train_moe", "MoEConfig"), "llm": ("train_moe", "MoEConfig"),
                   "moe": ("train_moe", "MoEConfig"), "moe_dpo": ("train_moe", "MoEConfig"),
+                  "moe_qlora": ("train_moe", "MoEConfig"),  # an alternative moe stage, run by its own command
                   "evaluate": ("evaluate", "EvalConfig"), "gptq": ("export_gptq", "ExportConfig")}
 
 
