@@ -146,8 +146,9 @@ def _run_train_moe(args: list[str]) -> dict:
 
     repo = Path(__file__).resolve().parents[1]
     t0 = time.perf_counter()
+    # unbuffered: through a pipe Python holds its output in 8 KB blocks, and a log line read late is a phase timed late
     proc = subprocess.Popen([sys.executable, str(repo / "train_moe.py"), *args], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines, first_step, workers_peak, seen = [], [None], [0], {}
     # where start-up time goes: seconds from launch to the first log line of each phase
     phases = {"model loaded": r"attention ", "train index": r"train: \d+ samples", "loop set up": r"training [\d,]+ of",

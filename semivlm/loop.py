@@ -9,6 +9,7 @@ accumulation or the number of ranks (a mean of per-micro-batch means is not).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -284,7 +285,41 @@ def peak_tflops(cfg: TrainConfig, accelerator) -> tuple[float, str]:
         if (tflops := datasheet_tflops(name)) is not None:
             return tflops, f"{name} datasheet bf16 dense"
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-    return measure_peak_tflops(accelerator.device, dtype), f"measured {dtype} matmul on {accelerator.device.type}"
+    return cached_peak_tflops(accelerator.device, dtype)
+
+
+def cached_peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """measure_peak_tflops, once per machine: its probe (~60 GFLOP on CPU) took 24 s of a 2-step run's start-up on
+    a loaded 2-core machine, before every first step. Kept in $SEMIVLM_CACHE (else ~/.cache/semivlm)/peak_tflops.json
+    under the processor, thread count, dtype and torch version; delete the file to measure again."""
+    import platform
+
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else next(
+        (line.split(":", 1)[1].strip() for line in _read_text("/proc/cpuinfo").splitlines()
+         if line.startswith("model name")), platform.processor() or platform.machine())
+    key = f"{what} | {torch.get_num_threads()} threads | {dtype} | torch {torch.__version__}"
+    path = Path(os.environ.get("SEMIVLM_CACHE") or Path.home() / ".cache" / "semivlm").expanduser() / "peak_tflops.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    source = f"measured {dtype} matmul on {device.type}"
+    if isinstance(cached.get(key), (int, float)):
+        return float(cached[key]), f"{source}, cached in {path}"
+    tflops = measure_peak_tflops(device, dtype)
+    with contextlib.suppress(OSError):  # a read-only home only costs the next run the probe
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**cached, key: tflops}, indent=1) + "\n")
+        tmp.replace(path)  # atomic: ranks measuring at once each write a whole file
+    return tflops, source
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 def epoch_line(records: int, global_batch: int, steps: int) -> str:
