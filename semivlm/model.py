@@ -80,7 +80,8 @@ class DynamicRank:
 
     r' is drawn uniformly from [rank_min, r] as a function of (seed, step) only (`set_step`, called by the training
     loop's `before_step`): every micro-batch of a step and every process use the same r', and a resumed run draws what
-    the uninterrupted one drew. Outside training mode (held-out eval inside the loop) the full rank r is used.
+    the uninterrupted one drew. Outside training mode (held-out eval inside the loop) `eval_rank` is used: None (the
+    default) = the full rank r, or a sub-rank to measure without truncating and merging (e.g. a benchmark at r/2).
 
     Scaling alpha/r', as DyLoRA (its forward is W0·x + (alpha/b)·B[:, :b]·A[:b]·x for sampled b): the sub-adapter
     trained at a step is then exactly the rank-r' adapter PEFT builds from the truncated weights with `r = r'` (PEFT
@@ -111,7 +112,8 @@ class DynamicRank:
         if not 1 <= rank_min <= r_small:
             raise SystemExit(f"lora_rank_min {rank_min} is outside [1, {r_small}] (the adapters' rank)")
         self.rank_min, self.seed = rank_min, seed
-        self.rank: int | None = None  # None = full rank (before the first step, or never set)
+        self.rank: int | None = None  # training mode; None = full rank (before the first step, or never set)
+        self.eval_rank: int | None = None  # outside training mode; None = full rank
         self.handles = []
         for layer in layers:
             if isinstance(layer, ParamWrapper):
@@ -139,12 +141,19 @@ class DynamicRank:
             check_rank(rank, self.r, self.rank_min, "rank")
         self.rank = rank
 
+    def set_eval_rank(self, rank: int | None) -> None:
+        """Run at a sub-rank outside training mode (None = full rank), e.g. loop.evaluate at r/2."""
+        if rank is not None:
+            check_rank(rank, self.r, self.rank_min, "rank")
+        self.eval_rank = rank
+
     def mask(self, r: int, like: torch.Tensor, training: bool) -> torch.Tensor | None:
         """(r,) weights of the rank axis for a layer of rank r: r/r' on the first r', 0 beyond; None = leave as is."""
-        if not training or self.rank is None or self.rank >= r:
+        rank = self.rank if training else self.eval_rank
+        if rank is None or rank >= r:
             return None
-        keep = torch.arange(r, device=like.device) < self.rank
-        return keep.to(like.dtype) * (r / self.rank)
+        keep = torch.arange(r, device=like.device) < rank
+        return keep.to(like.dtype) * (r / rank)
 
     def _mask_output(self, module, args, output, r: int):
         mask = self.mask(r, output, module.training)

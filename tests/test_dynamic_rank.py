@@ -74,6 +74,7 @@ def held_out_loss(base, model, rank: int, tmp_path) -> float:
     return float(merged(input_ids=ids, labels=ids).loss)
 
 
+@pytest.mark.slow  # 2 × 200 steps of a tiny decoder: 8 s on an idle core, 200 s on the shared machine at load 16
 def test_truncating_a_dynamic_rank_adapter_to_half_rank_loses_less_held_out_loss_than_a_fixed_rank_one(tmp_path):
     base = tiny_decoder()
     losses = {}
@@ -91,20 +92,24 @@ def test_truncating_a_dynamic_rank_adapter_to_half_rank_loses_less_held_out_loss
     assert dyn[R // 2] < fixed[R // 2]  # and the dynamic adapter at r/2 is the better rank-4 model outright
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "mixtral", "mixtral_unfused"])
 def test_a_truncated_adapter_gives_the_logits_training_computed_at_that_rank(family, tmp_path):
-    """Training forward at r' (masks) == the saved adapter cut to r' and merged: Linear LoRA and fused-expert LoRA
-    (PEFT ParamWrapper, target_parameters)."""
+    """Training forward at r' (masks) == the saved adapter cut to r' and merged: Linear LoRA, fused-expert LoRA (PEFT
+    ParamWrapper, target_parameters) and LoRA on experts unfused into per-expert Linears (moe.unfuse_experts)."""
     from peft import get_peft_model
 
-    from semivlm.moe import expert_lora_config
+    from semivlm import moe
 
     if family == "llama":
         base = tiny_decoder()
         model = apply_lora(copy.deepcopy(base), R, 2 * R, 0.0, TARGETS)[0]
+    elif family == "mixtral":
+        base = tiny_decoder(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+        model = get_peft_model(copy.deepcopy(base), moe.expert_lora_config(base, R, 2 * R))
     else:
         base = tiny_decoder(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
-        model = get_peft_model(copy.deepcopy(base), expert_lora_config(base, R, 2 * R))
+        moe.unfuse_experts(base)
+        model = get_peft_model(copy.deepcopy(base), moe.unfused_expert_lora_config(R, 2 * R, 0.0))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # as if trained: B starts at zero, which would hide every rank
             torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(len(name)))
@@ -118,10 +123,15 @@ def test_a_truncated_adapter_gives_the_logits_training_computed_at_that_rank(fam
             trained_at = model(input_ids=ids).logits
             merged = merge_adapter(copy.deepcopy(base), tmp_path / "adapter", rank)
             torch.testing.assert_close(merged(input_ids=ids).logits, trained_at, rtol=1e-5, atol=1e-5)
-        model.eval()  # outside training the adapter runs at full rank whatever the step drew
+        model.eval()  # outside training the adapter runs at full rank whatever the step drew ...
         dynamic_rank.set_rank(2)
         torch.testing.assert_close(model(input_ids=ids).logits, merge_adapter(copy.deepcopy(base), tmp_path / "adapter")(
             input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        dynamic_rank.set_eval_rank(4)  # ... unless an evaluation rank is set
+        torch.testing.assert_close(model(input_ids=ids).logits, merge_adapter(copy.deepcopy(base), tmp_path / "adapter",
+                                                                              4)(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+        dynamic_rank.set_eval_rank(None)
     # only the leading r' components get gradients: lora_A rows and lora_B columns beyond r' stay at zero
     model.train()
     dynamic_rank.set_rank(3)
