@@ -12,6 +12,7 @@ from conftest import REPO, TINY_LLAMA, reset_accelerate
 from test_sft import args_for as sft_args
 from test_sft import run_in_process as run_sft
 from test_sft import sft_inputs  # noqa: F401  (fixture)
+from test_train_moe import vlm_inputs  # noqa: F401  (fixture)
 
 from semivlm.config import load_config
 from semivlm.model import DynamicRank, apply_lora, enable_dynamic_rank, merge_adapter, truncate_adapter
@@ -262,3 +263,32 @@ def test_sft_with_dynamic_rank_exports_an_adapter_that_evaluate_sweeps_one_row_p
     # rank 8 of the adapter is the run's merged final/
     merged = evaluate(EvalConfig(model=str(out / "final"), output_dir=str(tmp_path / "final"), **common))
     assert rows[0]["perplexity"] == pytest.approx(merged["headline"]["perplexity"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_train_moe_llm_stage_with_dynamic_rank_exports_an_adapter_that_serves_each_rank(vlm_inputs,  # noqa: F811
+                                                                                        tmp_path):
+    from test_train_moe import args_for as moe_args
+    from test_train_moe import run_stage
+
+    from semivlm import evaluation as ev
+    from semivlm.model import adapter_base
+
+    run_stage(moe_args(vlm_inputs, tmp_path / "projector", "projector", vlm_inputs / "llm", max_steps=1,
+                       classify_eval=0))
+    out = tmp_path / "llm"
+    result = run_stage(moe_args(vlm_inputs, out, "llm", tmp_path / "projector/final", lora_r=4, lora_dropout=0.0,
+                                lora_dynamic_rank="true", lora_rank_min=2, max_steps=3, classify_eval=0))
+    assert result["final_dir"] and json.loads((out / "adapter/adapter_config.json").read_text())["r"] == 4
+    assert adapter_base(out / "adapter") == str(tmp_path / "projector/final")
+    logits = {}
+    for rank in (4, 2):
+        base, processor, _ = ev.load_model(adapter_base(out / "adapter"))
+        model = merge_adapter(base, out / "adapter", rank)
+        ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+        with torch.no_grad():
+            logits[rank] = model(input_ids=ids).logits
+    final, _, _ = ev.load_model(str(out / "final"))
+    with torch.no_grad():
+        torch.testing.assert_close(final(input_ids=ids).logits, logits[4], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits[2], logits[4])  # rank 2 is another (trained) model
