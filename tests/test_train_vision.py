@@ -91,3 +91,24 @@ def test_an_image_that_breaks_at_train_time_is_named_in_one_line_or_replaced_and
     assert [h["step"] for h in result["history"] if "loss" in h] == [1]
     replaced = [x for x in capsys.readouterr().out.splitlines() if "replaced by a blank image" in x]
     assert replaced and "truncated.png" in replaced[0] and rows[0]["id"] in replaced[0]
+
+
+def test_lazily_decoded_batches_hold_the_pixels_the_up_front_cache_held(pipeline, llm_dir, tmp_path):
+    """What keeps the held-out metrics: a micro-batch decoded by ImageCollate is the tensor vlm.load_pixel_values
+    made for every record up front, bit for bit (only the augmentation's random stream may differ)."""
+    from functools import partial
+    from pathlib import Path
+
+    from semivlm import record_index
+    from train_vision import VisionConfig, build_clip, collate_pairs, image_text_pairs
+
+    files = [str(pipeline / "annotations/captions.jsonl")]
+    cfg = VisionConfig(tokenizer=str(llm_dir), model_config=TINY_CLIP, train_split="")
+    _, processor = build_clip(cfg, torch.float32)
+    rows = image_text_pairs(cfg, processor, files, "", "train", print)
+    assert rows and all("pixel_values" not in r for r in rows)  # nothing decoded while reading the records
+    batch = record_index.ImageCollate(partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id, patches=16),
+                                      processor)(rows)
+    expected = torch.cat([vlm.load_pixel_values(processor, r["images"], Path("."), r["id"], 5.0, {}) for r in rows])
+    assert batch["pixel_values"].shape == (len(rows), 3, 64, 64)
+    assert torch.equal(batch["pixel_values"], expected)
