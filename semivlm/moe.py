@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import types
 from functools import partial
 
 import torch
@@ -527,7 +528,21 @@ def nf4_linear(linear: torch.nn.Linear, device):
                                  module=q).to(device)
     if linear.bias is not None:
         q.bias = torch.nn.Parameter(linear.bias.data.to(device), requires_grad=False)
+    # checkpoints leave the frozen 4-bit weight out: a resumed run quantises the same unquantised start again. Saved,
+    # it would not load back: every layer's quant_map is one shared nf4 code tensor (safetensors' strict load reports
+    # duplicated names), and on CPU bitsandbytes repacks the weight into another shape at the first forward
+    q._save_to_state_dict = types.MethodType(_bias_only, q)
+    q.register_load_state_dict_pre_hook(_keep_own_weight)
     return q
+
+
+def _bias_only(self, destination, prefix, keep_vars):
+    if self.bias is not None:
+        destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+
+def _keep_own_weight(module, state_dict, prefix, *args):
+    state_dict[prefix + "weight"] = module.weight  # loads onto itself: nothing missing, nothing changed
 
 
 def quantize_nf4(model, device) -> int:

@@ -236,3 +236,35 @@ def test_lora_and_quantization_settings_that_cannot_run_are_one_line(vlm_inputs,
     stage = overrides.pop("stage", "moe")
     with pytest.raises(SystemExit, match=message):
         run_stage(args_for(vlm_inputs, tmp_path, stage, dense_vlm, **overrides))
+
+
+def test_an_nf4_models_state_dict_loads_back_strictly_after_a_forward():
+    """What a QLoRA checkpoint and its resume go through (accelerate save_state / safetensors strict load_model):
+    before the fix, the shared nf4 code tensor and the CPU repacking at the first forward broke the load."""
+    from peft import get_peft_model
+    from safetensors.torch import load_model, save_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def build():
+        torch.manual_seed(0)
+        config = AutoConfig.for_model("llama", vocab_size=96, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        model = moe.upcycle(AutoModelForCausalLM.from_config(config), 4, 2, seed=0)
+        moe.unfuse_experts(model)
+        moe.quantize_nf4(model, "cpu")
+        return get_peft_model(model, moe.unfused_expert_lora_config(4, 8, 0.0)).eval()
+
+    trained, ids = build(), torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        want = trained(ids).logits
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(trained, f"{d}/model.safetensors")
+        resumed = build()
+        load_model(resumed, f"{d}/model.safetensors", strict=True)
+    with torch.no_grad():
+        assert torch.equal(resumed(ids).logits, want)
