@@ -36,9 +36,10 @@ from semivlm import dpo, moe, record_index, vlm
 from semivlm.checkpoint import unpartitioned
 from semivlm.config import load_config
 from semivlm.data import RecordError, exit_on_bad_record, read_jsonl, record_task
+from semivlm.evaluation import same_class_answer
 from semivlm.loop import (TrainConfig, causal_lm_loss, make_accelerator, random_order, supervised_tokens,
                           train, zero_stage)
-from semivlm.model import apply_liger, enable_dynamic_rank, resolve_attn_implementation
+from semivlm.model import adapter_base, apply_liger, enable_dynamic_rank, resolve_attn_implementation
 
 # stage -> what it trains, what `init_from` must be, which record tasks it reads, default learning rates (MoE-LLaVA:
 # 1e-3 for stage I, 2e-5 for stages II and III; the projector keeps the LLM's rate in stage II)
@@ -189,7 +190,12 @@ def starting_model_dir(cfg: MoEConfig, accelerator) -> Path:
         return source
     if cfg.stage == "moe" and upcycled_already(cfg, source):  # e.g. DPO on a moe stage's export: taken as it is
         adapter = continued_adapter(cfg)
-        return adapter_base(adapter) if adapter else source
+        if not adapter:
+            return source
+        base = Path(adapter_base(adapter))
+        if not ((base / "config.json").is_file() and vlm.is_vlm_dir(base)):
+            raise SystemExit(f"{adapter}: the model it was trained on ('{base}') is not found, so it cannot be continued")
+        return base
     start = Path(cfg.output_dir) / "start"
     if accelerator.is_main_process and not (start / "config.json").is_file():
         tmp = Path(cfg.output_dir) / ".tmp-start"
@@ -256,17 +262,6 @@ def continued_adapter(cfg: MoEConfig) -> Path | None:
         raise SystemExit(f"{adapter} has r {saved.get('r')}, lora_alpha {saved.get('lora_alpha')}; this run continues "
                          f"it with moe_lora_r {cfg.moe_lora_r}, moe_lora_alpha {cfg.moe_lora_alpha}: set them equal")
     return adapter
-
-
-def adapter_base(adapter: Path) -> Path:
-    """The model an adapter was trained on: its stage's start/ (the upcycled model), else the directory its
-    adapter_config.json names (e.g. the start/ of the stage before a continued run)."""
-    named = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-    for base in (adapter.parent / "start", Path(named)):
-        if str(base) and (base / "config.json").is_file() and vlm.is_vlm_dir(base):
-            return base
-    raise SystemExit(f"{adapter}: the model it was trained on is not found ({adapter.parent / 'start'} or "
-                     f"'{named}'), so it cannot be continued")
 
 
 def load_continued_adapter(model, adapter: Path, accelerator) -> None:
@@ -382,7 +377,7 @@ def classification_accuracy(model_dir: Path, rows: list[tuple[dict, Path]], limi
     for record, root in [r for r in rows if r[0].get("meta", {}).get("task") == "classify"][:limit]:
         answer = vlm.generate_answer(model, processor, record, root, max_new_tokens=12)
         reference = record["messages"][-1]["content"][0]["text"]
-        hit = " ".join(answer.lower().split()).strip(" .") == " ".join(reference.lower().split()).strip(" .")
+        hit = same_class_answer(answer, reference)
         hits, n = hits + hit, n + 1
         examples.append({"id": record["id"], "reference": reference, "answer": answer})
     return {"classify_accuracy": hits / n if n else float("nan"), "classify_n": n, "examples": examples[:10]}

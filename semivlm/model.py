@@ -249,7 +249,10 @@ def truncate_adapter(adapter_dir: str | Path, rank: int, out_dir: str | Path) ->
 
 
 def adapter_base(adapter_dir: str | Path, base: str = "") -> str:
-    """The model an adapter is merged onto: `base` when given, else the one its adapter_config.json names."""
+    """The model an adapter was trained on: `base` when given, else its run's start/ (an upcycled moe stage keeps
+    its starting model there; found even when the run directory was moved), else the one adapter_config.json names."""
+    sibling = Path(adapter_dir).parent / "start"
+    base = base or (str(sibling) if (sibling / "config.json").is_file() else "")
     base = base or _adapter_config(Path(adapter_dir)).get("base_model_name_or_path") or ""
     if not base:
         raise SystemExit(f"adapter '{adapter_dir}' names no base model (base_model_name_or_path): set `base`")
