@@ -21,9 +21,7 @@ from, reads and at which learning rates. Each stage ends in `output_dir/final`, 
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,10 +34,11 @@ from semivlm import dpo, moe, record_index, vlm
 from semivlm.checkpoint import unpartitioned
 from semivlm.config import load_config
 from semivlm.data import RecordError, exit_on_bad_record, read_jsonl, record_task
-from semivlm.evaluation import same_class_answer
+from semivlm.evaluation import classification_accuracy
 from semivlm.loop import (TrainConfig, causal_lm_loss, make_accelerator, random_order, supervised_tokens,
                           train, zero_stage)
-from semivlm.model import adapter_base, apply_liger, enable_dynamic_rank, resolve_attn_implementation
+from semivlm.model import (adapter_base, apply_liger, enable_dynamic_rank, load_adapter_weights,
+                           resolve_attn_implementation)
 
 # stage -> what it trains, what `init_from` must be, which record tasks it reads, default learning rates (MoE-LLaVA:
 # 1e-3 for stage I, 2e-5 for stages II and III; the projector keeps the LLM's rate in stage II)
@@ -264,33 +263,6 @@ def continued_adapter(cfg: MoEConfig) -> Path | None:
     return adapter
 
 
-def load_continued_adapter(model, adapter: Path, accelerator) -> None:
-    """The adapter's weights (LoRA, and the modules its stage trained in full, e.g. routers) into this run's freshly
-    wrapped model, name by name: every trained parameter must find one and every saved weight a parameter, or the
-    run would start from something other than the adapter. Names are compared without PEFT's wrapper segments
-    (base_model.model., the adapter name, modules_to_save), which differ between a saved adapter and a live model."""
-    from safetensors.torch import load_file
-
-    def plain(name: str) -> str:
-        return re.sub(r"\.(default|modules_to_save|original_module)(?=\.)", "", name.removeprefix("base_model.model."))
-
-    saved = {plain(k): v for k, v in load_file(adapter / "adapter_model.safetensors").items()}
-    trained = {plain(n): p for n, p in model.named_parameters() if p.requires_grad}
-    if saved.keys() != trained.keys():
-        extra, missing = sorted(saved.keys() - trained.keys()), sorted(trained.keys() - saved.keys())
-        raise SystemExit(f"{adapter} does not match what this run trains (its weights not trained here: {extra[:2]}; "
-                         f"trained here, not in it: {missing[:2]}): use the LoRA settings of the stage that wrote it")
-    for name, param in trained.items():
-        gathered = contextlib.nullcontext()
-        if hasattr(param, "ds_id"):  # partitioned by ZeRO-3: every rank joins the gather, the main process sets it
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
-        with gathered, torch.no_grad():
-            param.copy_(saved[name].reshape(param.shape).to(param.dtype))
-    accelerator.print(f"continuing adapter {adapter}: {len(trained)} tensors (LoRA and modules trained in full)")
-
-
 def set_trainable(cfg: MoEConfig, model) -> dict[str, list[torch.nn.Parameter]]:
     """Freeze everything, then unfreeze what the stage trains; returns the trained parameters by LR group."""
     trains = set(STAGES[cfg.stage]["trains"]) | ({"vision"} if cfg.unfreeze_vision_tower else set())
@@ -362,25 +334,6 @@ def blind_image_collate(collate, pixel_values: torch.Tensor, n_tokens: int, imag
                         rows: list[dict]) -> dict:
     """`collate`, then, for a micro-batch without images, one image no token attends to (vlm.add_blind_image)."""
     return vlm.add_blind_image(collate(rows), pixel_values, image_token_id, n_tokens, pad_id)
-
-
-# ---------------------------------------------------------------- held-out classification, answered by the model
-
-@torch.no_grad()
-def classification_accuracy(model_dir: Path, rows: list[tuple[dict, Path]], limit: int, device="cpu",
-                            dtype=torch.float32) -> dict:
-    """Greedy answers to the held-out "what kind of sample is this?" records, matched to the reference label, on
-    `device` (the run's GPU: on CPU in fp32 a 3.6B model's 200 answers outlast the other ranks' barrier)."""
-    model, processor = vlm.load_vlm(model_dir, dtype)
-    model.to(device).eval()
-    hits, n, examples = 0, 0, []
-    for record, root in [r for r in rows if r[0].get("meta", {}).get("task") == "classify"][:limit]:
-        answer = vlm.generate_answer(model, processor, record, root, max_new_tokens=12)
-        reference = record["messages"][-1]["content"][0]["text"]
-        hit = same_class_answer(answer, reference)
-        hits, n = hits + hit, n + 1
-        examples.append({"id": record["id"], "reference": reference, "answer": answer})
-    return {"classify_accuracy": hits / n if n else float("nan"), "classify_n": n, "examples": examples[:10]}
 
 
 def prepare_stage_model(cfg: MoEConfig, model, accelerator):
@@ -503,7 +456,7 @@ def run(cfg: MoEConfig) -> dict:
     tokenizer = processor.tokenizer
     model, groups, probe, lora_config = prepare_stage_model(cfg, model, accelerator)
     if adapter := continued_adapter(cfg):  # the fresh adapter takes the saved one's weights
-        load_continued_adapter(model, adapter, accelerator)
+        load_adapter_weights(model, adapter, accelerator.print)
 
     # ---- data: the stage's mix, each record checked (image count, decodability, labels, length)
     tasks = tuple(cfg.tasks) or stage["tasks"]

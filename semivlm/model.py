@@ -4,7 +4,9 @@ Everything here returns plain Hugging Face objects; nothing needs custom modelli
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -517,3 +519,30 @@ def _liger_on_instance_only(model):
                     torch.nn.functional.cross_entropy = cross_entropy
 
             model.loss_function = liger_loss
+
+
+def load_adapter_weights(model, adapter: Path, log=print) -> None:
+    """The adapter's weights (LoRA, and the modules its stage trained in full, e.g. routers) into this run's freshly
+    wrapped model, name by name: every trained parameter must find one and every saved weight a parameter, or the
+    run would start from something other than the adapter. Names are compared without PEFT's wrapper segments
+    (base_model.model., the adapter name, modules_to_save), which differ between a saved adapter and a live model."""
+    from safetensors.torch import load_file
+
+    def plain(name: str) -> str:
+        return re.sub(r"\.(default|modules_to_save|original_module)(?=\.)", "", name.removeprefix("base_model.model."))
+
+    saved = {plain(k): v for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    trained = {plain(n): p for n, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != trained.keys():
+        extra, missing = sorted(saved.keys() - trained.keys()), sorted(trained.keys() - saved.keys())
+        raise SystemExit(f"{adapter} does not match what this run trains (its weights not trained here: {extra[:2]}; "
+                         f"trained here, not in it: {missing[:2]}): use the LoRA settings of the stage that wrote it")
+    for name, param in trained.items():
+        gathered = contextlib.nullcontext()
+        if hasattr(param, "ds_id"):  # partitioned by ZeRO-3: every rank joins the gather, the main process sets it
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+        with gathered, torch.no_grad():
+            param.copy_(saved[name].reshape(param.shape).to(param.dtype))
+    log(f"continuing adapter {adapter}: {len(trained)} tensors (LoRA and modules trained in full)")
