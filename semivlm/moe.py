@@ -528,6 +528,10 @@ def nf4_linear(linear: torch.nn.Linear, device):
                                  module=q).to(device)
     if linear.bias is not None:
         q.bias = torch.nn.Parameter(linear.bias.data.to(device), requires_grad=False)
+    # bitsandbytes' CPU inference repacking (taken under no_grad on AVX512-BF16 CPUs) fails for an input width that
+    # is not a multiple of 64 (the debug recipe's FFN width 352: "shape '[128, 5]' is invalid for input of size 704"
+    # at the first held-out evaluation): evaluation runs the training kernel instead
+    q.support_avx512bf16_for_cpu = False
     # checkpoints leave the frozen 4-bit weight out: a resumed run quantises the same unquantised start again. Saved,
     # it would not load back: every layer's quant_map is one shared nf4 code tensor (safetensors' strict load reports
     # duplicated names), and on CPU bitsandbytes repacks the weight into another shape at the first forward

@@ -268,3 +268,15 @@ def test_an_nf4_models_state_dict_loads_back_strictly_after_a_forward():
         load_model(resumed, f"{d}/model.safetensors", strict=True)
     with torch.no_grad():
         assert torch.equal(resumed(ids).logits, want)
+
+
+def test_an_nf4_layer_of_the_debug_ffn_width_answers_under_no_grad_as_in_training():
+    # 352 = the debug recipe's intermediate size, not a multiple of 64: bitsandbytes' CPU inference repacking broke
+    # the first held-out evaluation of an nf4 run
+    layer = moe.nf4_linear(torch.nn.Linear(352, 128), "cpu")
+    x = torch.randn(3, 352)
+    layer.train()
+    trained = layer(x).detach()
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), trained)
