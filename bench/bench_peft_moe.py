@@ -1,7 +1,7 @@
 """Full experts vs LoRA experts vs QLoRA (nf4) in the moe stage, at the debug recipe's moe-stage shapes, in one run.
 
     python bench/bench_peft_moe.py --out runs/bench_peft_moe.json              # defaults: the debug recipe's paths
-    python bench/bench_peft_moe.py --out x.json --steps 60 --variants full,qlora
+    python bench/bench_peft_moe.py --out x.json --steps 60 --variants "[full,qlora]"
 
 Each variant is `train_moe.main` on the same starting model, data, seed, steps and learning rate as
 launch/configs/debug/moe.yaml (4 experts, top-2, micro-batch 16, max_length 256, classify ×8, fp32 on CPU), run in
@@ -23,17 +23,17 @@ Caption METEOR is left out: pycocoevalcap's METEOR needs Java, and the held-out 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # run as a file (python bench/…): train_moe.py and semivlm/ live at the root
 
 # name -> MoEConfig overrides. The seed's QLoRA setting (MoE-LLaVA for InfographicsVQA): r 8, alpha 16, dropout 0.05.
 LORA = {"moe_lora_r": 8, "moe_lora_alpha": 16, "moe_lora_dropout": 0.05}
@@ -151,24 +151,26 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="", help="JSON file for the results (required)")
-    ap.add_argument("--root", default=str(REPO / "runs/bench_peft_moe"), help="scratch directory of the runs")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--learning_rate", type=float, default=1e-3)  # debug/moe.yaml's, for every variant
-    ap.add_argument("--eval_batches", type=int, default=8)
-    ap.add_argument("--classify_eval", type=int, default=50)
-    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--child_out", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--start", default="", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+@dataclass
+class BenchConfig:
+    out: str = ""  # JSON file for the results (required)
+    root: str = str(REPO / "runs/bench_peft_moe")  # scratch directory of the runs
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    steps: int = 30
+    learning_rate: float = 1e-3  # debug/moe.yaml's, for every variant
+    eval_batches: int = 8
+    classify_eval: int = 50
+    child: str = ""  # set by the parent: the variant this child process runs ...
+    child_out: str = ""  # ... the JSON it writes ...
+    start: str = ""  # ... and the dense VLM it starts from
+
+
+def main(args: BenchConfig) -> None:
     if args.child:
         return child(args)
     if not args.out:
         raise SystemExit("--out is required: the JSON file for the results")
-    names = args.variants.split(",")
+    names = list(args.variants)
     if unknown := [n for n in names if n not in VARIANTS]:
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     if missing := [str(p) for p in debug_inputs()["train_data"] if not p.is_file()]:
@@ -211,4 +213,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from semivlm.config import load_config
+
+    main(load_config(BenchConfig))

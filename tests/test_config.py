@@ -104,7 +104,9 @@ def _config_fields(script: Path) -> tuple[str, set[str]]:
     """The config class a script hands to load_config and its fields, read from the sources (bases resolved
     through `from semivlm.x import Base`), independently of the help text."""
     tree = ast.parse(script.read_text())
-    name = re.search(r"load_config\((\w+)", script.read_text()).group(1)
+    # the class its entry point parses (a bench may also call load_config for another script's config)
+    name = (re.search(r"main\(load_config\((\w+)", script.read_text())
+            or re.search(r"load_config\((\w+)", script.read_text())).group(1)
     classes = {n.name: (n, tree) for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
     for imp in (n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0):
         path = REPO / (imp.module.replace(".", "/") + ".py")

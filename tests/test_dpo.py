@@ -267,8 +267,14 @@ def test_reference_logps_are_cached_and_a_resumed_run_reads_them_instead_of_usin
     reference_on_start([fresh], collate, 2, tmp_path)(trained, acc)
     assert [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in fresh] == first
 
+    # found by id: a resumed run that reads some of the cached pairs, in another order, gets their values ...
+    some = [dict(r) for r in fresh[:0:-1]]
+    reference_on_start([some], collate, 2, tmp_path)(trained, acc)
+    assert [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in some] == first[:0:-1]
+    # ... and one that reads a pair the cache never saw stops
+    other = [dict(fresh[0], id=f"{fresh[0]['id']}-not-cached")]
     with pytest.raises(SystemExit, match="for other pairs.*resumes from a checkpoint"):
-        reference_on_start([fresh[:2]], collate, 2, tmp_path)(trained, acc)
+        reference_on_start([other], collate, 2, tmp_path)(trained, acc)
     (tmp_path / REFERENCE_CACHE).unlink()
     with pytest.raises(SystemExit, match="missing.*resumes from a checkpoint"):
         reference_on_start([fresh], collate, 2, tmp_path)(trained, acc)
