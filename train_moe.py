@@ -22,7 +22,6 @@ from, reads and at which learning rates. Each stage ends in `output_dir/final`, 
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,8 +32,9 @@ import torch
 from semivlm import dpo, moe, record_index, vlm
 from semivlm.checkpoint import unpartitioned
 from semivlm.config import load_config
-from semivlm.data import RecordError, exit_on_bad_record, read_jsonl, record_task
+from semivlm.data import exit_on_bad_record
 from semivlm.evaluation import classification_accuracy
+from semivlm.record_index import index_records, read_records, repeat_tasks
 from semivlm.loop import (TrainConfig, causal_lm_loss, make_accelerator, random_order, supervised_tokens,
                           train, zero_stage)
 from semivlm.model import (adapter_base, apply_liger, enable_dynamic_rank, load_adapter_weights,
@@ -120,59 +120,6 @@ class MoEConfig(TrainConfig):
 
 # ---------------------------------------------------------------- data
 
-def iter_records(cfg: MoEConfig, files: list[str], split: str, tasks: tuple[str, ...]):
-    """(record, directory its image paths are relative to) for the records of `split` whose task is in `tasks`, one
-    at a time. A record without meta.task is "instruction" when it has no image, else "vqa"."""
-    for path in files:
-        try:
-            for r in read_jsonl(path, skip_bad=cfg.skip_invalid):
-                task = record_task(r)
-                if (not split or r.get("meta", {}).get("split", split) == split) and (cfg.objective == "dpo" or task in tasks):
-                    if cfg.record_fraction >= 1 or kept_share(r.get("id") or json.dumps(r, sort_keys=True),
-                                                              cfg.seed) < cfg.record_fraction:
-                        yield r, Path(path).parent
-        except RecordError as e:
-            raise SystemExit(str(e)) from None
-
-
-def kept_share(record_id, seed: int) -> float:
-    """A record's place in [0, 1), from its id and the seed alone: a record_fraction keeps the same records in every
-    run, on every rank, whatever the file order."""
-    return zlib.crc32(f"{seed}:{record_id}".encode()) / 2 ** 32
-
-
-def read_records(cfg: MoEConfig, files: list[str], split: str, tasks: tuple[str, ...]) -> list[tuple[dict, Path]]:
-    return list(iter_records(cfg, files, split, tasks))
-
-
-def index_records(cfg: MoEConfig, processor, files: list[str], split: str, tasks: tuple[str, ...], where: str,
-                  accelerator) -> record_index.IndexedRecords:
-    """The records of `split` and `tasks` in `files`, encoded and checked once into a memory-mapped record index
-    (reused while files, processor and settings are unchanged); no pixels until a micro-batch needs them."""
-    for f in files:
-        if not Path(f).is_file():
-            raise SystemExit(f"{f}: file does not exist")
-    settings = {"split": split, "tasks": sorted(tasks), "objective": cfg.objective, "max_length": cfg.max_length,
-                "overflow": cfg.overflow, "max_aspect_ratio": cfg.max_aspect_ratio,
-                **({"record_fraction": cfg.record_fraction} if cfg.record_fraction < 1 else {})}
-    return record_index.open_index(where, files, partial(iter_records, cfg, files, split, tasks), processor, settings,
-                                   cfg.index_dir or Path(cfg.output_dir) / "record_index",
-                                   accelerator.is_main_process, accelerator.wait_for_everyone, accelerator.print,
-                                   pairs=cfg.objective == "dpo", skip_invalid=cfg.skip_invalid)
-
-
-def repeat_tasks(cfg: MoEConfig, examples: record_index.IndexedRecords, log) -> record_index.IndexedRecords:
-    """The data mix's weights: each example of a task in task_repeats taken that many times (encoded once)."""
-    tasks = STAGES["llm"]["tasks"]  # every task there is
-    if unknown := set(cfg.task_repeats) - set(tasks):
-        raise SystemExit(f"task_repeats: unknown task(s) {sorted(unknown)}; tasks are {', '.join(tasks)}")
-    if not cfg.task_repeats:
-        return examples
-    out = examples.repeated([int(cfg.task_repeats.get(t, 1)) for t in examples.column("task")])
-    log(f"train: {len(examples)} samples -> {len(out)} with task repeats {cfg.task_repeats}")
-    return out
-
-
 # ---------------------------------------------------------------- model
 
 def starting_model_dir(cfg: MoEConfig, accelerator) -> Path:
@@ -187,7 +134,7 @@ def starting_model_dir(cfg: MoEConfig, accelerator) -> Path:
                          f"'{cfg.init_from}' is not one")
     if cfg.stage == "llm" or (cfg.stage == "projector" and is_vlm):
         return source
-    if cfg.stage == "moe" and upcycled_already(cfg, source):  # e.g. DPO on a moe stage's export: taken as it is
+    if cfg.stage == "moe" and moe.upcycled_already(source, cfg.num_experts, cfg.top_k, cfg.moe_every):  # e.g. DPO
         adapter = continued_adapter(cfg)
         if not adapter:
             return source
@@ -218,49 +165,11 @@ def starting_model_dir(cfg: MoEConfig, accelerator) -> Path:
     return start
 
 
-def upcycled_already(cfg: MoEConfig, source: Path) -> bool:
-    """Whether init_from is an MoE VLM already (a moe stage's final/): the moe stage then trains it as it is (DPO
-    after the moe stage, or more of it); upcycling it again would make every expert a copy of one FFN and reset
-    the routers. num_experts, top_k and moe_every must describe it, else they would be ignored without a word."""
-    from transformers import AutoConfig
-
-    text = AutoConfig.from_pretrained(source).text_config
-    if text.model_type not in moe.MOE_FAMILY.values():
-        return False
-    experts = getattr(text, "num_local_experts", None) or text.num_experts
-    sparse = moe.moe_layer_indices(text)
-    if (experts, text.num_experts_per_tok, sparse) != (cfg.num_experts, cfg.top_k,
-                                                        list(range(0, text.num_hidden_layers, cfg.moe_every))):
-        raise SystemExit(f"init_from {source} is an MoE VLM already ({experts} experts, top-{text.num_experts_per_tok}"
-                         f", sparse layers {sparse}), trained as it is: num_experts {cfg.num_experts}, top_k "
-                         f"{cfg.top_k}, moe_every {cfg.moe_every} describe another one; set them to its values")
-    return True
-
-
 def continued_adapter(cfg: MoEConfig) -> Path | None:
-    """The expert-LoRA adapter this run goes on training: with moe_lora_r > 0 and init_from the final/ of a LoRA moe
-    stage (its run_config.json says so), that stage's output_dir/adapter. The run then starts from the adapter's base
-    plus the adapter — the policy equals the merged final/ — and trains the same low-rank update further, rather
-    than a fresh adapter on top of the merge (so its export is again base + one rank-r update). None: start from
-    init_from's weights (moe_lora_r > 0: a fresh adapter)."""
+    """moe.continued_expert_adapter for a moe stage with expert LoRA; None otherwise."""
     if cfg.stage != "moe" or cfg.moe_lora_r <= 0 or not cfg.init_from:
         return None
-    final = Path(cfg.init_from)
-    try:
-        made_by = json.loads((final / "run_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if made_by.get("stage") != "moe" or not made_by.get("moe_lora_r"):
-        return None
-    adapter = final.parent / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise SystemExit(f"init_from {final} was exported by a LoRA moe stage, whose adapter this run continues, but "
-                         f"{adapter}/adapter_config.json is missing")
-    saved = json.loads((adapter / "adapter_config.json").read_text())
-    if (saved.get("r"), saved.get("lora_alpha")) != (cfg.moe_lora_r, cfg.moe_lora_alpha):
-        raise SystemExit(f"{adapter} has r {saved.get('r')}, lora_alpha {saved.get('lora_alpha')}; this run continues "
-                         f"it with moe_lora_r {cfg.moe_lora_r}, moe_lora_alpha {cfg.moe_lora_alpha}: set them equal")
-    return adapter
+    return moe.continued_expert_adapter(cfg.init_from, cfg.moe_lora_r, cfg.moe_lora_alpha)
 
 
 def set_trainable(cfg: MoEConfig, model) -> dict[str, list[torch.nn.Parameter]]:
@@ -268,7 +177,7 @@ def set_trainable(cfg: MoEConfig, model) -> dict[str, list[torch.nn.Parameter]]:
     trains = set(STAGES[cfg.stage]["trains"]) | ({"vision"} if cfg.unfreeze_vision_tower else set())
     trains |= {"attention"} if cfg.stage == "moe" and cfg.train_attention else set()
     sparse = set(moe.expert_and_router_parameter_names(model)) if cfg.stage == "moe" else set()
-    unused = unused_vision_parameters(model)
+    unused = vlm.unused_vision_parameters(model)
     groups = {"projector": [], "vision": [], "rest": []}
     for name, p in model.named_parameters():
         kind = ("projector" if "multi_modal_projector" in name else "vision" if "vision_tower" in name
@@ -281,26 +190,6 @@ def set_trainable(cfg: MoEConfig, model) -> dict[str, list[torch.nn.Parameter]]:
         if p.requires_grad:
             groups["projector" if kind == "projector" else "vision" if kind == "vision" else "rest"].append(p)
     return groups
-
-
-def unused_vision_parameters(model) -> set[str]:
-    """Vision-tower weights that never reach the LLM: the layers after `vision_feature_layer` (LLaVA takes CLIP's
-    penultimate layer) and the final norm/head. Left frozen, or they would sit in the optimizer with no gradient."""
-    layer = model.config.vision_feature_layer
-    n_layers = model.config.vision_config.num_hidden_layers
-    if not isinstance(layer, int):
-        return set()
-    last_used = layer % (n_layers + 1)  # hidden_states[0] is the embedding output, [k] the output of layer k-1
-    out = set()
-    for name, _ in model.named_parameters():
-        if "vision_tower" not in name:
-            continue
-        parts = name.split(".")
-        if "layers" in parts and int(parts[parts.index("layers") + 1]) >= last_used:
-            out.add(name)
-        elif any(k in name for k in ("post_layernorm", ".head.")):
-            out.add(name)
-    return out
 
 
 def param_groups(cfg: MoEConfig, groups: dict) -> list[dict]:
@@ -330,12 +219,6 @@ def moe_loss(cfg: MoEConfig, probe, image_token_id: int, base_loss):
     return loss_fn
 
 
-def blind_image_collate(collate, pixel_values: torch.Tensor, n_tokens: int, image_token_id: int, pad_id: int,
-                        rows: list[dict]) -> dict:
-    """`collate`, then, for a micro-batch without images, one image no token attends to (vlm.add_blind_image)."""
-    return vlm.add_blind_image(collate(rows), pixel_values, image_token_id, n_tokens, pad_id)
-
-
 def prepare_stage_model(cfg: MoEConfig, model, accelerator):
     """The loaded model set up for its stage (also what bench/bench_stages.py times): Liger kernels; for `moe` the
     experts implementation, ZeRO-3 leaf modules and the router probe; the stage's trainable parameters; LoRA on the
@@ -346,8 +229,8 @@ def prepare_stage_model(cfg: MoEConfig, model, accelerator):
         accelerator.print(f"experts {moe.set_experts_implementation(model, accelerator.device.type, cfg.experts_implementation)}"
                           f" | ZeRO-3 leaf modules {moe.register_zero3_leaf_modules(model)}")
         probe = moe.RouterProbe(model)
-    check_lora_settings(cfg, accelerator)
-    if experts_unfused(cfg):
+    moe.check_lora_settings(cfg, zero_stage(accelerator), accelerator.device)
+    if moe.experts_unfused(cfg):
         accelerator.print(f"experts of {moe.unfuse_experts(model)} MoE blocks unfused into per-expert Linears "
                           f"(LoRA dropout {cfg.moe_lora_dropout}, quantization {cfg.quantization})")
     if cfg.quantization == "nf4":
@@ -367,29 +250,6 @@ def prepare_stage_model(cfg: MoEConfig, model, accelerator):
     return model, groups, probe, lora_config
 
 
-def experts_unfused(cfg: MoEConfig) -> bool:
-    """Expert LoRA on per-expert Linears (moe.unfuse_experts): needed for its dropout and for nf4. Otherwise LoRA
-    goes on the fused tensors (PEFT target_parameters), which keeps grouped_mm."""
-    return cfg.stage == "moe" and cfg.moe_lora_r > 0 and (cfg.moe_lora_dropout > 0 or cfg.quantization == "nf4")
-
-
-def check_lora_settings(cfg: MoEConfig, accelerator) -> None:
-    """One line for each LoRA/QLoRA setting that cannot run: nf4 without LoRA, with ZeRO-3, or without a working
-    bitsandbytes on this device; expert-LoRA dropout without expert LoRA or under ZeRO-3."""
-    rank = "moe_lora_r" if cfg.stage == "moe" else "lora_r"
-    if cfg.moe_lora_dropout and cfg.moe_lora_r <= 0:
-        raise SystemExit("moe_lora_dropout needs expert LoRA: set moe_lora_r > 0")
-    if cfg.quantization == "nf4":
-        if getattr(cfg, rank) <= 0:
-            raise SystemExit(f"quantization: nf4 (QLoRA) trains LoRA on a frozen 4-bit base: set {rank} > 0")
-        if zero_stage(accelerator) == 3:  # ZeRO-3 would partition the packed 4-bit weights and their quant states
-            raise SystemExit("quantization: nf4 is not supported under ZeRO-3; use ds_configs/zero2.json or one GPU")
-        moe.check_nf4(accelerator.device)
-    if experts_unfused(cfg) and zero_stage(accelerator) == 3:  # the conversion needs whole, unpartitioned experts
-        raise SystemExit("moe_lora_dropout > 0 is not supported under ZeRO-3 (the experts are converted to per-expert "
-                         "Linears after loading); use ds_configs/zero2.json, or moe_lora_dropout 0")
-
-
 # the LLM's projections in the llm stage; the vision tower (CLIP/SigLIP q/k/v/out_proj, fc1/fc2) and projector excluded
 LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -403,7 +263,7 @@ def wrap_lora(cfg: MoEConfig, model, groups: dict):
 
     from peft import LoraConfig, get_peft_model
 
-    if experts_unfused(cfg):  # train_attention under nf4: attention is 4-bit, so it trains as LoRA too
+    if moe.experts_unfused(cfg):  # train_attention under nf4: attention is 4-bit, so it trains as LoRA too
         train_config = moe.unfused_expert_lora_config(cfg.moe_lora_r, cfg.moe_lora_alpha, cfg.moe_lora_dropout,
                                                       attention=cfg.quantization == "nf4" and cfg.train_attention)
     elif cfg.stage == "moe":
@@ -448,9 +308,11 @@ def run(cfg: MoEConfig) -> dict:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
     # ---- the starting model, loaded partitioned under ZeRO-3 (after the Accelerator set the config up)
-    check_lora_settings(cfg, accelerator)  # before upcycling and loading, which take minutes on a real model
+    # before upcycling and loading, which take minutes on a real model
+    moe.check_lora_settings(cfg, zero_stage(accelerator), accelerator.device)
     start = starting_model_dir(cfg, accelerator)
     attn = resolve_attn_implementation(cfg.attn_implementation)
+    torch.manual_seed(cfg.seed)  # fresh LoRA adapters and dropout masks: the same run gives the same model
     model, processor = vlm.load_vlm(start, accelerator.param_dtype, attn)
     accelerator.print(f"attention {attn}")
     tokenizer = processor.tokenizer
@@ -462,8 +324,8 @@ def run(cfg: MoEConfig) -> dict:
     tasks = tuple(cfg.tasks) or stage["tasks"]
     if not cfg.train_data:
         raise SystemExit("train_data is required: JSONL record files (captions, VQA, classification, instructions)")
-    train_set = repeat_tasks(cfg, index_records(cfg, processor, cfg.train_data, cfg.train_split, tasks, "train",
-                                                accelerator), accelerator.print)
+    train_set = index_records(cfg, processor, cfg.train_data, cfg.train_split, tasks, "train", accelerator)
+    train_set = repeat_tasks(cfg, train_set, STAGES["llm"]["tasks"], accelerator.print)
     eval_set = index_records(cfg, processor, cfg.eval_data or cfg.train_data, cfg.eval_split, tasks, "held-out",
                              accelerator) or None
     if not train_set:
@@ -497,38 +359,25 @@ def run(cfg: MoEConfig) -> dict:
         # ZeRO-3 gathers the vision tower's weights in a collective every rank must join, so every micro-batch on
         # every rank runs it: text-only micro-batches get a blind image
         blank = vlm.blank_pixel_values(processor)
-        collate = partial(blind_image_collate, collate, blank, vlm.image_tokens_per_image(processor, blank),
+        collate = partial(vlm.blind_image_collate, collate, blank, vlm.image_tokens_per_image(processor, blank),
                           model.config.image_token_id, pad_id)
     loss_fn = moe_loss(cfg, probe, model.config.image_token_id, base_loss) if probe else base_loss
-
-    last_routing: dict = {}
-
-    def routing_files() -> tuple[dict[str, str], dict[str, float]]:  # every rank, at a save: summed over ranks
-        probe.all_reduce(partial(accelerator.reduce, reduction="sum"))
-        summary = probe.summary()
-        probe.reset()
-        if not summary["layers"] and last_routing:  # the export right after a checkpoint of the same step
-            return dict(last_routing), {}
-        for layer in summary["layers"]:
-            shares = {k: "/".join(f"{x:.2f}" for x in layer[k]) if layer[k] else "-" for k in ("image", "text")}
-            accelerator.print(f"routing layer {layer['layer']} | image tokens {shares['image']} | text tokens "
-                              f"{shares['text']} | aux {layer['aux_loss_mean']:.3f}")
-        last_routing.update({"routing.json": json.dumps(summary, indent=1) + "\n"})
-        return dict(last_routing), moe.routing_scalars(summary)  # the shares also go to the trackers
 
     # ---- train, then the export; what the stage trained is logged by the loop ("training N of M parameters")
     accelerator.print(f"stage {cfg.stage}: trains {stage['trains']}{' + vision tower' if cfg.unfreeze_vision_tower else ''}"
                       f" | tasks {tasks} | lr {cfg.learning_rate or stage['learning_rate']:.1e}, projector "
                       f"{cfg.projector_lr or stage['projector_lr']:.1e} | ZeRO stage {zero_stage(accelerator)}")
+    reduce_sum = partial(accelerator.reduce, reduction="sum")
+    routing = moe.routing_artifacts(probe, reduce_sum, accelerator.print) if probe else None
     result = train(cfg, accelerator, model, processor, train_set, eval_set, collate, loss_fn=loss_fn,
                    param_groups=param_groups(cfg, groups), lora_config=lora_config, seq_len=cfg.max_length,
-                   permutation=permutation, on_start=on_start, artifacts=routing_files if probe else None,
+                   permutation=permutation, on_start=on_start, artifacts=routing,
                    batch_loader=record_index.batch_loader(cfg.num_workers, report,
                                                           pin_memory=accelerator.device.type == "cuda"),
                    before_step=model.dynamic_rank.set_step if cfg.lora_dynamic_rank else None,
                    # QLoRA: the adapter merges onto the unquantised starting model; unfused experts are fused back
                    base_for_merge=str(start) if cfg.quantization == "nf4" else None,
-                   export_layout=(moe.unfuse_experts, moe.fuse_experts) if experts_unfused(cfg) else None)
+                   export_layout=(moe.unfuse_experts, moe.fuse_experts) if moe.experts_unfused(cfg) else None)
 
     # ---- held-out category accuracy of the exported model (main process; the others wait)
     if result["final_dir"] and cfg.classify_eval > 0 and accelerator.is_main_process:

@@ -55,8 +55,8 @@ from semivlm.loop import (TrainConfig, datasheet_tflops, causal_lm_loss, input_t
                           make_accelerator, measure_peak_tflops, model_inputs, peak_memory_gib, train, zero_stage)
 from semivlm.model import (apply_liger, build_causal_lm, flops_per_token, numel,  # noqa: E402
                            resolve_attn_implementation)
-from train_moe import (MoEConfig, moe_loss, param_groups, prepare_stage_model, set_trainable,  # noqa: E402
-                       unused_vision_parameters)
+from semivlm.vlm import unused_vision_parameters  # noqa: E402
+from train_moe import MoEConfig, moe_loss, param_groups, prepare_stage_model, set_trainable  # noqa: E402
 from train_pretrain import collate_blocks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 import types
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -195,6 +197,49 @@ def upcycle(model, num_experts: int = 4, top_k: int = 2, moe_every: int = 1, rou
     new.generation_config = copy.deepcopy(model.generation_config)
     new.train(model.training)
     return new
+
+
+def upcycled_already(source, num_experts: int, top_k: int, moe_every: int) -> bool:
+    """Whether init_from is an MoE VLM already (a moe stage's final/): the moe stage then trains it as it is (DPO
+    after the moe stage, or more of it); upcycling it again would make every expert a copy of one FFN and reset
+    the routers. num_experts, top_k and moe_every (the run's settings) must describe it, else they would be ignored
+    without a word."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(source).text_config
+    if text.model_type not in MOE_FAMILY.values():
+        return False
+    experts = getattr(text, "num_local_experts", None) or text.num_experts
+    sparse = moe_layer_indices(text)
+    if (experts, text.num_experts_per_tok, sparse) != (num_experts, top_k, list(range(0, text.num_hidden_layers, moe_every))):
+        raise SystemExit(f"init_from {source} is an MoE VLM already ({experts} experts, top-{text.num_experts_per_tok}"
+                         f", sparse layers {sparse}), trained as it is: num_experts {num_experts}, top_k "
+                         f"{top_k}, moe_every {moe_every} describe another one; set them to its values")
+    return True
+
+
+def continued_expert_adapter(init_from, r: int, alpha: int):
+    """The expert-LoRA adapter this run goes on training: with moe_lora_r > 0 and init_from the final/ of a LoRA moe
+    stage (its run_config.json says so), that stage's output_dir/adapter. The run then starts from the adapter's base
+    plus the adapter — the policy equals the merged final/ — and trains the same low-rank update further, rather
+    than a fresh adapter on top of the merge (so its export is again base + one rank-r update). None: start from
+    init_from's weights (moe_lora_r > 0: a fresh adapter)."""
+    final = Path(init_from)
+    try:
+        made_by = json.loads((final / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if made_by.get("stage") != "moe" or not made_by.get("moe_lora_r"):
+        return None
+    adapter = final.parent / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise SystemExit(f"init_from {final} was exported by a LoRA moe stage, whose adapter this run continues, but "
+                         f"{adapter}/adapter_config.json is missing")
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    if (saved.get("r"), saved.get("lora_alpha")) != (r, alpha):
+        raise SystemExit(f"{adapter} has r {saved.get('r')}, lora_alpha {saved.get('lora_alpha')}; this run continues "
+                         f"it with moe_lora_r {r}, moe_lora_alpha {alpha}: set them equal")
+    return adapter
 
 
 def _moe_blocks(model) -> list[tuple[str, int, torch.nn.Module]]:
@@ -408,6 +453,27 @@ def routing_scalars(summary: dict) -> dict[str, float]:
 # Mixtral/Qwen3Moe weights. The cost: no grouped_mm for these runs (the eager per-expert loop, which is what the fused
 # module runs on CPU anyway), and, transiently while converting one block, a second copy of its expert weights.
 
+def routing_artifacts(probe: RouterProbe, reduce_sum, log):
+    """The training loop's `artifacts` hook of an MoE run: at every save, on every rank, the probe's counts summed over
+    ranks (reduce_sum) become routing.json beside the checkpoint, one log line per layer, and scalars for the trackers;
+    then the counts restart. The export right after a checkpoint of the same step gets that checkpoint's file."""
+    last: dict = {}
+
+    def files() -> tuple[dict[str, str], dict[str, float]]:
+        probe.all_reduce(reduce_sum)
+        summary = probe.summary()
+        probe.reset()
+        if not summary["layers"] and last:
+            return dict(last), {}
+        for layer in summary["layers"]:
+            shares = {k: "/".join(f"{x:.2f}" for x in layer[k]) if layer[k] else "-" for k in ("image", "text")}
+            log(f"routing layer {layer['layer']} | image tokens {shares['image']} | text tokens {shares['text']} | "
+                f"aux {layer['aux_loss_mean']:.3f}")
+        last["routing.json"] = json.dumps(summary, indent=1) + "\n"
+        return dict(last), routing_scalars(summary)
+    return files
+
+
 class ExpertMLP(torch.nn.Module):
     """One expert: down(act(gate(x)) * up(x)), the rows of the fused gate_up_proj / down_proj of its index."""
 
@@ -515,6 +581,29 @@ def check_nf4(device) -> str:
         raise SystemExit(f"quantization: nf4: bitsandbytes {bnb.__version__} cannot quantise or run 4-bit layers on "
                          f"device '{device}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return bnb.__version__
+
+
+def experts_unfused(cfg) -> bool:
+    """Expert LoRA on per-expert Linears (unfuse_experts): needed for its dropout and for nf4. Otherwise LoRA goes on
+    the fused tensors (PEFT target_parameters), which keeps grouped_mm. cfg: train_moe.MoEConfig."""
+    return cfg.stage == "moe" and cfg.moe_lora_r > 0 and (cfg.moe_lora_dropout > 0 or cfg.quantization == "nf4")
+
+
+def check_lora_settings(cfg, zero_stage: int, device) -> None:
+    """One line for each LoRA/QLoRA setting of a train_moe.MoEConfig that cannot run: nf4 without LoRA, with ZeRO-3,
+    or without a working bitsandbytes on this device; expert-LoRA dropout without expert LoRA or under ZeRO-3."""
+    rank = "moe_lora_r" if cfg.stage == "moe" else "lora_r"
+    if cfg.moe_lora_dropout and cfg.moe_lora_r <= 0:
+        raise SystemExit("moe_lora_dropout needs expert LoRA: set moe_lora_r > 0")
+    if cfg.quantization == "nf4":
+        if getattr(cfg, rank) <= 0:
+            raise SystemExit(f"quantization: nf4 (QLoRA) trains LoRA on a frozen 4-bit base: set {rank} > 0")
+        if zero_stage == 3:  # ZeRO-3 would partition the packed 4-bit weights and their quant states
+            raise SystemExit("quantization: nf4 is not supported under ZeRO-3; use ds_configs/zero2.json or one GPU")
+        check_nf4(device)
+    if experts_unfused(cfg) and zero_stage == 3:  # the conversion needs whole, unpartitioned experts
+        raise SystemExit("moe_lora_dropout > 0 is not supported under ZeRO-3 (the experts are converted to per-expert "
+                         "Linears after loading); use ds_configs/zero2.json, or moe_lora_dropout 0")
 
 
 def nf4_linear(linear: torch.nn.Linear, device):

@@ -19,7 +19,9 @@ import itertools
 import json
 import os
 import shutil
+import zlib
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -28,7 +30,7 @@ import torch
 
 from semivlm import vlm
 from semivlm.chat import SkipRecord, named_error
-from semivlm.data import RecordError, record_task
+from semivlm.data import RecordError, read_jsonl, record_task
 
 INDEX_VERSION = 1  # bump when what the index holds or how records are encoded changes
 
@@ -291,3 +293,60 @@ def batch_loader(num_workers: int, report: Callable[[dict], dict], pin_memory: b
             return lambda step: [report(b) for b in steps(step)]
         return WorkerBatches(steps, num_workers, report, pin_memory, prefetch)
     return wrap
+
+
+# ---------------------------------------------------------------- the records a training run reads
+# cfg: a training config with skip_invalid, objective, record_fraction, seed, max_length, overflow, max_aspect_ratio,
+# index_dir, output_dir, task_repeats (train_moe.MoEConfig)
+
+def iter_records(cfg, files: list[str], split: str, tasks: tuple[str, ...]):
+    """(record, directory its image paths are relative to) for the records of `split` whose task is in `tasks`, one
+    at a time. A record without meta.task is "instruction" when it has no image, else "vqa"."""
+    for path in files:
+        try:
+            for r in read_jsonl(path, skip_bad=cfg.skip_invalid):
+                task = record_task(r)
+                if (not split or r.get("meta", {}).get("split", split) == split) and (cfg.objective == "dpo" or task in tasks):
+                    if cfg.record_fraction >= 1 or kept_share(r.get("id") or json.dumps(r, sort_keys=True),
+                                                              cfg.seed) < cfg.record_fraction:
+                        yield r, Path(path).parent
+        except RecordError as e:
+            raise SystemExit(str(e)) from None
+
+
+def kept_share(record_id, seed: int) -> float:
+    """A record's place in [0, 1), from its id and the seed alone: a record_fraction keeps the same records in every
+    run, on every rank, whatever the file order."""
+    return zlib.crc32(f"{seed}:{record_id}".encode()) / 2 ** 32
+
+
+def read_records(cfg, files: list[str], split: str, tasks: tuple[str, ...]) -> list[tuple[dict, Path]]:
+    return list(iter_records(cfg, files, split, tasks))
+
+
+def index_records(cfg, processor, files: list[str], split: str, tasks: tuple[str, ...], where: str,
+                  accelerator) -> IndexedRecords:
+    """The records of `split` and `tasks` in `files`, encoded and checked once into a memory-mapped record index
+    (reused while files, processor and settings are unchanged); no pixels until a micro-batch needs them."""
+    for f in files:
+        if not Path(f).is_file():
+            raise SystemExit(f"{f}: file does not exist")
+    settings = {"split": split, "tasks": sorted(tasks), "objective": cfg.objective, "max_length": cfg.max_length,
+                "overflow": cfg.overflow, "max_aspect_ratio": cfg.max_aspect_ratio,
+                **({"record_fraction": cfg.record_fraction} if cfg.record_fraction < 1 else {})}
+    return open_index(where, files, partial(iter_records, cfg, files, split, tasks), processor, settings,
+                      cfg.index_dir or Path(cfg.output_dir) / "record_index", accelerator.is_main_process,
+                      accelerator.wait_for_everyone, accelerator.print, pairs=cfg.objective == "dpo",
+                      skip_invalid=cfg.skip_invalid)
+
+
+def repeat_tasks(cfg, examples: IndexedRecords, tasks: tuple[str, ...], log) -> IndexedRecords:
+    """The data mix's weights: each example of a task in cfg.task_repeats taken that many times (encoded once);
+    `tasks` are all the tasks there are."""
+    if unknown := set(cfg.task_repeats) - set(tasks):
+        raise SystemExit(f"task_repeats: unknown task(s) {sorted(unknown)}; tasks are {', '.join(tasks)}")
+    if not cfg.task_repeats:
+        return examples
+    out = examples.repeated([int(cfg.task_repeats.get(t, 1)) for t in examples.column("task")])
+    log(f"train: {len(examples)} samples -> {len(out)} with task repeats {cfg.task_repeats}")
+    return out

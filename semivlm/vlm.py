@@ -556,3 +556,29 @@ def modality_length_grouped_permutation(lengths: list[int], has_image: list[bool
     shuffled = [groups[i] for i in np.random.default_rng((seed, epoch, 7)).permutation(len(groups))]
     order = np.concatenate(shuffled + leftovers).astype(np.int64)
     return np.roll(order, (-epoch * len(order)) % m) if len(order) else order
+
+
+def unused_vision_parameters(model) -> set[str]:
+    """Vision-tower weights that never reach the LLM: the layers after `vision_feature_layer` (LLaVA takes CLIP's
+    penultimate layer) and the final norm/head. Left frozen, or they would sit in the optimizer with no gradient."""
+    layer = model.config.vision_feature_layer
+    n_layers = model.config.vision_config.num_hidden_layers
+    if not isinstance(layer, int):
+        return set()
+    last_used = layer % (n_layers + 1)  # hidden_states[0] is the embedding output, [k] the output of layer k-1
+    out = set()
+    for name, _ in model.named_parameters():
+        if "vision_tower" not in name:
+            continue
+        parts = name.split(".")
+        if "layers" in parts and int(parts[parts.index("layers") + 1]) >= last_used:
+            out.add(name)
+        elif any(k in name for k in ("post_layernorm", ".head.")):
+            out.add(name)
+    return out
+
+
+def blind_image_collate(collate, pixel_values: torch.Tensor, n_tokens: int, image_token_id: int, pad_id: int,
+                        rows: list[dict]) -> dict:
+    """`collate`, then, for a micro-batch without images, one image no token attends to (add_blind_image)."""
+    return add_blind_image(collate(rows), pixel_values, image_token_id, n_tokens, pad_id)

@@ -130,7 +130,8 @@ def test_an_moe_init_from_with_other_expert_settings_stops_with_one_line(moe_run
 
 def test_record_fraction_keeps_the_same_seeded_share_of_pairs_whatever_the_file_order(tmp_path):
     from semivlm.data import write_jsonl_atomic
-    from train_moe import MoEConfig, iter_records
+    from semivlm.record_index import iter_records
+    from train_moe import MoEConfig
 
     pairs = [{"id": f"p{i}", "images": [], "prompt": "q", "chosen": "a", "rejected": "b", "meta": {"split": "train"}}
              for i in range(2000)]

@@ -208,15 +208,15 @@ def test_a_record_with_more_placeholders_than_images_stops_with_one_line_naming_
 def test_task_repeats_weight_the_data_mix_and_unknown_tasks_are_an_error():
     from datasets import Dataset
 
-    from semivlm.record_index import IndexedRecords
-    from train_moe import repeat_tasks
+    from semivlm.record_index import IndexedRecords, repeat_tasks
+    from train_moe import STAGES
 
     examples = IndexedRecords(Dataset.from_list([{"id": "a", "task": "classify"}, {"id": "b", "task": "caption"}]))
-    out = repeat_tasks(MoEConfig(task_repeats={"classify": 3}), examples, lambda *_: None)
+    out = repeat_tasks(MoEConfig(task_repeats={"classify": 3}), examples, STAGES["llm"]["tasks"], lambda *_: None)
     assert [out[i]["id"] for i in range(len(out))] == ["a", "a", "a", "b"]
-    assert repeat_tasks(MoEConfig(), examples, print) is examples
+    assert repeat_tasks(MoEConfig(), examples, STAGES["llm"]["tasks"], print) is examples
     with pytest.raises(SystemExit, match="unknown task.*captions"):
-        repeat_tasks(MoEConfig(task_repeats={"captions": 2}), examples, print)
+        repeat_tasks(MoEConfig(task_repeats={"captions": 2}), examples, STAGES["llm"]["tasks"], print)
 
 
 @pytest.mark.slow
