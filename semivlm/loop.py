@@ -20,6 +20,7 @@ import resource
 import signal
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -668,6 +669,9 @@ def train(cfg: TrainConfig, accelerator, model, tokenizer, train_dataset, eval_d
             before_step(step)
         window = batches_for(step)
         data_wait = time.perf_counter() - t0  # waiting for this step's micro-batches (decoded, collated)
+        # dropout draws from torch's global RNG, which DataLoader iterators and evaluations also advance: seeded per
+        # (seed, rank, step), the masks of a resumed run are the uninterrupted run's
+        torch.manual_seed(zlib.crc32(f"{cfg.seed}:{accelerator.process_index}:{step}".encode()))
         empty = order.empty(step)  # stand-ins past the end of an epochs run: weight 0, not counted
         if sample_log:
             ids = [i for idx, e in zip(order.indices(step), empty) if not e for i in idx]

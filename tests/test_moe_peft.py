@@ -180,6 +180,34 @@ def test_nf4_moe_stage_trains_adapters_and_exports_merged_onto_the_unquantised_s
         torch.testing.assert_close(final[k], v, rtol=0, atol=0)
 
 
+def test_nf4_moe_stage_stopped_and_resumed_trains_the_same_losses_and_export_as_an_uninterrupted_run(
+        vlm_inputs, dense_vlm, tmp_path, capsys):  # noqa: F811
+    """A QLoRA run requeued midway: the checkpoint holds nf4 layers (packed weights, quant state) and LoRA with
+    dropout; the resumed run must replay the uninterrupted run's steps 3-4 and export the same model."""
+    from safetensors.torch import load_file
+
+    qlora = dict(quantization="nf4", moe_lora_r=4, moe_lora_alpha=8, moe_lora_dropout=0.05, learning_rate=1e-2,
+                 classify_eval=0)
+    straight = run_stage(args_for(vlm_inputs, tmp_path / "a", "moe", dense_vlm, **qlora))
+    stopped = run_stage(args_for(vlm_inputs, tmp_path / "b", "moe", dense_vlm, exit_after_steps=2, **qlora))
+    assert stopped["stopped_early"] and stopped["final_dir"] is None
+    capsys.readouterr()
+    resumed = run_stage(args_for(vlm_inputs, tmp_path / "b", "moe", dense_vlm, **qlora))
+    assert re.search(r"resumed from \S+step_0+2 at step 2", capsys.readouterr().out)
+    a = {h["step"]: h["loss"] for h in straight["history"] if "loss" in h}
+    b = {h["step"]: h["loss"] for h in resumed["history"] if "loss" in h}
+    assert sorted(b) == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's history, 3-4 trained after the resume
+    # same seed (adapter init, dropout masks), data order and kernels in one process: equal up to summation order only,
+    # bounded by one fp32 rounding of the loss per accumulated token (max_length 192 × micro-batch 4). Step 2 is the
+    # stopped run's own: before train_moe seeded torch, two runs of one config drew different adapters and differed here
+    for step in (1, 2, 3, 4):
+        assert b[step] == pytest.approx(a[step], rel=fp32_sum_tol(192 * 4, 1.0)), step
+    want, got = load_file(tmp_path / "a/final/model.safetensors"), load_file(tmp_path / "b/final/model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+
+
 def test_nf4_llm_stage_trains_lora_and_the_projector_and_exports_onto_the_unquantised_base(vlm_inputs,  # noqa: F811
                                                                                           dense_vlm, tmp_path):
     from transformers import AutoModelForImageTextToText
