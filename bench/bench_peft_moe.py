@@ -1,14 +1,14 @@
-"""Full experts vs LoRA experts vs QLoRA (nf4) in the moe stage, at the debug recipe's moe-stage shapes, in one run.
+"""Full experts vs LoRA experts vs QLoRA (nf4) vs dynamic-rank LoRA in a recipe's moe stage, at its shapes, in one run.
 
-    python bench/bench_peft_moe.py --out runs/bench_peft_moe.json              # defaults: the debug recipe's paths
+    python bench/bench_peft_moe.py --out runs/bench_peft_moe.json                       # debug recipe (runs/demo)
+    python bench/bench_peft_moe.py --out runs/bench_peft_moe_smollm2.json \
+        --recipe launch/configs/smollm2_cpu --run runs/demo-real                           # SmolLM2 (make demo-real)
     python bench/bench_peft_moe.py --out x.json --steps 60 --variants "[full,qlora]"
 
-Each variant is `train_moe.main` on the same starting model, data, seed, steps and learning rate as
-launch/configs/debug/moe.yaml (4 experts, top-2, micro-batch 16, max_length 256, classify ×8, fp32 on CPU), run in
-its own child process so that each peak RSS is its own; the children run one after the other. The starting model is
-runs/demo/llm/final when the debug recipe has written it (a trained llm stage: class accuracy means something);
-otherwise the debug chat LLM (runs/demo/sft/final) with the projector stage's tiny random tower (launch/configs/debug/
-projector.yaml), which makes the held-out loss the comparable figure and class accuracy near zero for all.
+Each variant is `train_moe.main` with the recipe's moe.yaml (experts, top-k, micro-batch, max_length, task repeats,
+steps, learning rate, ds_config), its paths moved under --run, started from RUN/llm/final (the recipe's llm stage must
+have run: `launch/recipe.sh RECIPE RUN` or `make demo` / `make demo-real`). Each runs in its own child process, one
+after the other, so that each peak RSS is its own.
 
 Reported per variant:
 - trainable parameters;
@@ -16,10 +16,11 @@ Reported per variant:
   weights = every parameter's storage (fp32 here; nf4 = 4-bit packed uint8 + the absmax/double-quantisation state,
   semivlm.moe.parameter_bytes), gradients = trainable elements × their element size, optimizer = AdamW's 2 fp32
   states per trainable element (8 bytes);
-- peak RSS of the child process (ru_maxrss), tokens/s (median over the steps after the first two), held-out loss at
-  the last step, held-out class accuracy of the export (greedy answers matched exactly);
+- peak RSS of the child process (ru_maxrss) when training and export are done, tokens/s (median over the steps after
+  the first two), held-out loss at the last step, held-out class accuracy of the export (greedy answers matched);
+- caption METEOR (and BLEU-4, ROUGE-L) of the export on --caption_eval held-out captions, by evaluate.py with the
+  recipe's evaluate.yaml (pycocoevalcap; METEOR needs Java, else the row says which backend scored it);
 - and the ratio QLoRA / full of weight + optimizer bytes (issue 20's target: <= 0.4).
-Caption METEOR is left out: pycocoevalcap's METEOR needs Java, and the held-out loss covers the captions.
 """
 from __future__ import annotations
 
@@ -47,39 +48,30 @@ VARIANTS = {
 }
 
 
-def debug_inputs() -> dict:
-    """The debug recipe's moe-stage inputs (launch/configs/debug/moe.yaml)."""
-    demo = REPO / "runs/demo"
-    return {"llm": demo / "llm/final", "sft": demo / "sft/final",
-            "train_data": [demo / "annotations/captions.jsonl", demo / "annotations/vqa.jsonl",
-                           demo / "annotations/classify.jsonl", demo / "instructions/instructions.jsonl"]}
+def recipe_stage(recipe: str, run: str) -> dict:
+    """The recipe's moe.yaml with every path under the recipe's own run directory moved under `run`."""
+    import yaml
 
+    path = REPO / recipe / "moe.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--recipe {recipe}: no moe.yaml in it")
+    values = yaml.safe_load(path.read_text())
+    own = str(Path(values["output_dir"]).parent)  # e.g. runs/demo: where the recipe's YAMLs point
 
-def starting_vlm(root: Path) -> tuple[Path, str]:
-    """(dense VLM directory, what it is): the debug llm stage's export, else built once from the debug chat LLM and
-    the projector stage's random tower."""
-    inputs = debug_inputs()
-    if (inputs["llm"] / "config.json").is_file():
-        return inputs["llm"], "runs/demo/llm/final (debug recipe's llm stage)"
-    built = root / "dense_vlm"
-    if not (built / "config.json").is_file():
-        import yaml
+    def moved(p: str) -> str:
+        return run + p[len(own):] if p.startswith(own + "/") else p
 
-        from semivlm import vlm
-
-        projector = yaml.safe_load((REPO / "launch/configs/debug/projector.yaml").read_text())
-        model, processor = vlm.build_vlm(projector["vision_config"], str(inputs["sft"]),
-                                         feature_layer=projector["vision_feature_layer"],
-                                         feature_strategy=projector["vision_feature_select_strategy"])
-        model.save_pretrained(built)
-        processor.save_pretrained(built)
-    return built, "runs/demo/sft/final + random tiny CLIP of debug/projector.yaml (no trained llm stage found)"
+    values["init_from"] = f"{run}/llm/final"
+    values["train_data"] = [moved(p) for p in values["train_data"]]
+    return values
 
 
 def child(args) -> None:
-    """One variant: train_moe.main with the parameter counts taken right after the stage's set-up."""
+    """One variant: train_moe.main with the parameter counts taken right after the stage's set-up, then the caption
+    metrics of its export."""
     import torch
 
+    import evaluate
     import train_moe
     from semivlm import moe
     from semivlm.config import load_config
@@ -112,32 +104,45 @@ def child(args) -> None:
             return result
 
         train_moe.train = train_then_half_rank
-    start = Path(args.start)
-    inputs = debug_inputs()
-    values = {"output_dir": Path(args.root) / args.child, "stage": "moe", "init_from": start,
-              "train_data": json.dumps([str(p) for p in inputs["train_data"]]), "max_length": 256,
-              "num_experts": 4, "top_k": 2, "router_aux_loss_coef": 0.01, "task_repeats": json.dumps({"classify": 8}),
-              "micro_batch_size": 16, "grad_accum": 1, "max_steps": args.steps, "learning_rate": args.learning_rate,
-              "warmup_steps": 2, "min_lr_ratio": 0.1, "weight_decay": 0.0, "eval_every": 0,
-              "eval_batches": args.eval_batches, "save_every": 0, "log_every": 5, "seed": 0,
-              "ds_config": REPO / "ds_configs/zero3_fp32.json", "classify_eval": args.classify_eval,
-              "index_dir": Path(args.root) / "record_index", **VARIANTS[args.child]}
-    cfg = load_config(train_moe.MoEConfig, [x for k, v in values.items() for x in (f"--{k}", str(v))])
+    stage = recipe_stage(args.recipe, args.run)
+    output_dir = Path(args.root) / args.child
+    values = {"output_dir": output_dir, "init_from": stage["init_from"], "train_data": json.dumps(stage["train_data"]),
+              "max_steps": args.steps or stage["max_steps"], "learning_rate": args.learning_rate or stage["learning_rate"],
+              "eval_every": 0, "save_every": 0, "seed": 0, "index_dir": Path(args.root) / "record_index",
+              "classify_eval": args.classify_eval or stage.get("classify_eval", 0), **VARIANTS[args.child]}
+    if args.eval_batches:
+        values["eval_batches"] = args.eval_batches
+    argv = ["--config", str(REPO / args.recipe / "moe.yaml")]
+    cfg = load_config(train_moe.MoEConfig, argv + [x for k, v in values.items() for x in (f"--{k}", str(v))])
     t0 = time.perf_counter()
     result = train_moe.main(cfg)
+    train_s = time.perf_counter() - t0
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the caption evaluation adds its own
     steps = [h for h in result["history"] if "tokens_per_s" in h]
     evals = [h for h in result["history"] if "eval_loss" in h]
-    out = {**counts, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    captions = {}
+    if args.caption_eval:
+        captions_file = [p for p in stage["train_data"] if Path(p).name == "captions.jsonl"]
+        ecfg = load_config(evaluate.EvalConfig, [
+            "--config", str(REPO / args.recipe / "evaluate.yaml"), "--model", str(output_dir / "final"),
+            "--data", json.dumps(captions_file), "--output_dir", str(output_dir / "eval_captions"),
+            "--limit", str(args.caption_eval), "--goals", "{}"])
+        headline = evaluate.main(ecfg)["headline"]
+        tasks = json.loads((output_dir / "eval_captions/metrics.json").read_text())["tasks"]
+        captions = {"meteor": headline.get("meteor"), "bleu4": headline.get("bleu4"), "rouge_l": headline.get("rouge_l"),
+                    "caption_n": tasks["caption"].get("n"), "caption_backend": tasks["caption"].get("backend")}
+    out = {**counts, "peak_rss_mib": peak_rss,
            "tokens_per_s": statistics.median(h["tokens_per_s"] for h in steps[2:] or steps),
            "train_loss_last": steps[-1]["loss"], "eval_loss": evals[-1]["eval_loss"] if evals else None,
-           "classify_accuracy": result.get("classify_accuracy"), "classify_n": result.get("classify_n"),
-           "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "overrides": VARIANTS[args.child]}
+           "classify_accuracy": result.get("classify_accuracy"), "classify_n": result.get("classify_n"), **captions,
+           "train_s": train_s, "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+           "overrides": VARIANTS[args.child]}
     Path(args.child_out).write_text(json.dumps(out, indent=1) + "\n")
 
 
 def table(results: dict) -> str:
     rows = ["| variant | trainable params | weights MiB | grads MiB | AdamW MiB | weights+AdamW vs full | peak RSS MiB "
-            "| tokens/s | held-out loss | class acc (n) |", "|---" * 10 + "|"]
+            "| tokens/s | held-out loss | class acc (n) | METEOR (n) |", "|---" * 11 + "|"]
     full = results.get("full")
     for name, r in results.items():
         wo = r["weight_bytes"] + r["optimizer_bytes"]
@@ -145,24 +150,27 @@ def table(results: dict) -> str:
         mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
         loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
         acc = f"{r['classify_accuracy']:.3f} ({r['classify_n']})" if r["classify_accuracy"] is not None else "-"
+        meteor = f"{r['meteor']:.3f} ({r['caption_n']})" if r.get("meteor") is not None else "-"
         rows.append(f"| {name} | {r['trainable_params']:,} | {mib(r['weight_bytes'])} | {mib(r['grad_bytes'])} | "
                     f"{mib(r['optimizer_bytes'])} | {ratio} | {r['peak_rss_mib']:.0f} | {r['tokens_per_s']:,.0f} | "
-                    f"{loss} | {acc} |")
+                    f"{loss} | {acc} | {meteor} |")
     return "\n".join(rows)
 
 
 @dataclass
 class BenchConfig:
     out: str = ""  # JSON file for the results (required)
-    root: str = str(REPO / "runs/bench_peft_moe")  # scratch directory of the runs
+    recipe: str = "launch/configs/debug"  # the config directory whose moe.yaml (and evaluate.yaml) the variants use
+    run: str = "runs/demo"  # that recipe's run directory: RUN/llm/final is the start, RUN/annotations the data
+    root: str = ""  # scratch directory of the runs (default runs/bench_peft_moe/<recipe name>)
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    steps: int = 30
-    learning_rate: float = 1e-3  # debug/moe.yaml's, for every variant
-    eval_batches: int = 8
-    classify_eval: int = 50
+    steps: int = 0  # 0 = the recipe's max_steps
+    learning_rate: float = 0.0  # 0 = the recipe's, for every variant
+    eval_batches: int = 0  # 0 = the recipe's
+    classify_eval: int = 0  # held-out classification records for class accuracy; 0 = the recipe's classify_eval
+    caption_eval: int = 50  # held-out captions for METEOR (evaluate.py on the export); 0 = skipped
     child: str = ""  # set by the parent: the variant this child process runs ...
-    child_out: str = ""  # ... the JSON it writes ...
-    start: str = ""  # ... and the dense VLM it starts from
+    child_out: str = ""  # ... and the JSON it writes
 
 
 def main(args: BenchConfig) -> None:
@@ -173,28 +181,34 @@ def main(args: BenchConfig) -> None:
     names = list(args.variants)
     if unknown := [n for n in names if n not in VARIANTS]:
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
-    if missing := [str(p) for p in debug_inputs()["train_data"] if not p.is_file()]:
-        raise SystemExit(f"missing debug recipe data {missing}: run the debug recipe's data stages first (make demo)")
-    root = Path(args.root)
+    stage = recipe_stage(args.recipe, args.run)
+    missing = [p for p in [f"{stage['init_from']}/config.json", *stage["train_data"]] if not (REPO / p).is_file()]
+    if missing:
+        raise SystemExit(f"missing {missing}: run the recipe through its llm stage first "
+                         f"(launch/recipe.sh {args.recipe} {args.run}; make demo / make demo-real)")
+    root = Path(args.root or REPO / "runs/bench_peft_moe" / Path(args.recipe).name)
     root.mkdir(parents=True, exist_ok=True)
-    start, start_what = starting_vlm(root)
     results = {}
     for name in names:
         child_out = root / f"{name}.json"
-        cmd = [sys.executable, __file__, "--child", name, "--child_out", str(child_out), "--start", str(start),
-               "--root", str(root), "--steps", str(args.steps), "--learning_rate", str(args.learning_rate),
-               "--eval_batches", str(args.eval_batches), "--classify_eval", str(args.classify_eval)]
+        cmd = [sys.executable, __file__, "--child", name, "--child_out", str(child_out), "--recipe", args.recipe,
+               "--run", args.run, "--root", str(root), "--steps", str(args.steps), "--learning_rate",
+               str(args.learning_rate), "--eval_batches", str(args.eval_batches), "--classify_eval",
+               str(args.classify_eval), "--caption_eval", str(args.caption_eval)]
         log = root / f"{name}.log"
-        with log.open("w") as f:
-            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
+        with log.open("w") as f:  # the recipe's relative paths are from the repository root
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode:
                 raise SystemExit(f"variant {name} failed: see {log}")
         results[name] = json.loads(child_out.read_text())
-        if "eval_loss_half_rank" in results[name]:  # same run, its adapter cut to r/2 (class accuracy not measured)
+        if "eval_loss_half_rank" in results[name]:  # same run, its adapter cut to r/2 (accuracy, METEOR not measured)
             results[f"{name} r/2"] = {**results[name], "eval_loss": results[name]["eval_loss_half_rank"],
-                                      "classify_accuracy": None}
+                                      "classify_accuracy": None, "meteor": None}
         print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'overrides'})}", flush=True)
-    summary = {"start": start_what, "steps": args.steps, "learning_rate": args.learning_rate,
-               "shapes": "debug recipe moe stage: 4 experts top-2, micro-batch 16, max_length 256, fp32, CPU",
+    steps, lr = args.steps or stage["max_steps"], args.learning_rate or stage["learning_rate"]
+    summary = {"recipe": args.recipe, "start": stage["init_from"], "steps": steps, "learning_rate": lr,
+               "shapes": f"{stage['num_experts']} experts top-{stage['top_k']}, micro-batch {stage['micro_batch_size']}"
+                         f" x accum {stage.get('grad_accum', 1)}, max_length {stage['max_length']}, "
+                         f"{Path(stage['ds_config']).name}",
                "bytes": "weights as held (fp32; nf4 packed + quant state), grads = trainable x element size, "
                         "AdamW = 8 bytes per trainable element", "variants": results}
     if "full" in results and "qlora" in results:
@@ -203,13 +217,18 @@ def main(args: BenchConfig) -> None:
             f["weight_bytes"] + f["optimizer_bytes"])
         if f["classify_accuracy"] is not None and q["classify_accuracy"] is not None:
             summary["qlora_minus_full_class_accuracy"] = q["classify_accuracy"] - f["classify_accuracy"]
+    if "dynamic_rank r/2" in results:
+        d = results["dynamic_rank"]
+        summary["dynamic_rank_half_over_full_eval_loss"] = d["eval_loss_half_rank"] / d["eval_loss"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"\nstart: {start_what}; {args.steps} steps at lr {args.learning_rate:g}\n")
+    print(f"\n{args.recipe} from {stage['init_from']}: {summary['shapes']}; {steps} steps at lr {lr:g}\n")
     print(table(results))
-    if "qlora_over_full_weights_plus_optimizer" in summary:
-        print(f"\nQLoRA / full, weights + AdamW bytes: {summary['qlora_over_full_weights_plus_optimizer']:.3f} "
-              f"(target <= 0.4)")
+    for key, target in (("qlora_over_full_weights_plus_optimizer", "<= 0.4"),
+                        ("qlora_minus_full_class_accuracy", "within 0.03"),
+                        ("dynamic_rank_half_over_full_eval_loss", "<= 1.02")):
+        if key in summary:
+            print(f"{key}: {summary[key]:.4f} (target {target})")
 
 
 if __name__ == "__main__":
