@@ -64,6 +64,9 @@ class VisionConfig(TrainConfig):
     skip_invalid: bool = False
     max_aspect_ratio: float = 5.0
     num_workers: int = 2  # DataLoader processes decoding each micro-batch's images (0: the main process does)
+    # preprocessed images kept per process (each worker its own) up to this size: many epochs over a few thousand
+    # images then decode each once; beyond it images are decoded every time, so memory stays bounded
+    image_cache_mb: float = 256
 
 
 # ---------------------------------------------------------------- model
@@ -267,7 +270,7 @@ def run(cfg: VisionConfig) -> dict:
     # one that does not decode is named in one line, or under skip_invalid replaced by a blank image and counted
     collate = record_index.ImageCollate(
         partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id, patches=patches, classes=classes), processor,
-        cfg.max_aspect_ratio, cfg.skip_invalid, "train", accelerator.print)
+        cfg.max_aspect_ratio, cfg.skip_invalid, "train", accelerator.print, cfg.image_cache_mb)
     result = train(cfg, accelerator, model, processor, train_set, eval_set, collate,
                    loss_fn=vision_loss(cfg, class_ids, class_mask), seq_len=cfg.max_text_length,
                    train_flops_per_token=clip_flops_per_token(model, patches, text_tokens),

@@ -216,21 +216,33 @@ class ImageCollate:
     evaluation), it reports at once."""
 
     def __init__(self, collate: Callable, processor, max_aspect_ratio: float = 5.0, skip_invalid: bool = False,
-                 where: str = "train", log: Callable = print):
+                 where: str = "train", log: Callable = print, cache_mb: float = 0):
         self.collate, self.processor, self.max_aspect_ratio = collate, processor, max_aspect_ratio
         self.skip_invalid, self.where, self.log = skip_invalid, where, log
         self.fill, self.blank = vlm.image_fill(processor), vlm.blank_pixel_values(processor)
         self.replaced = 0
+        self.cache_mb, self.cache, self.cached_bytes = cache_mb, {}, 0
+
+    def __getstate__(self) -> dict:  # a DataLoader worker starts with an empty cache of its own, not a pickled copy
+        return {**self.__dict__, "cache": {}, "cached_bytes": 0}
 
     def pixels(self, row: dict, bad: list) -> torch.Tensor:
         out = []
         for p in row["images"]:
+            if (hit := self.cache.get(p)) is not None:
+                out.append(hit)
+                continue
             try:
                 image = vlm.load_image(p, row["id"], self.max_aspect_ratio, self.fill)
                 out.append(self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"])
             except RecordError as e:
                 bad.append(str(e))
                 out.append(self.blank)
+                continue
+            # many epochs over few images (the vision stage): decoding would cost as much as the step; the first
+            # cache_mb of preprocessed images stay, so memory is bounded whatever the number of images
+            if self.cached_bytes + (size := out[-1].nbytes) <= self.cache_mb * 2 ** 20:
+                self.cache[p], self.cached_bytes = out[-1], self.cached_bytes + size
         return torch.cat(out)
 
     def __call__(self, rows: list[dict]) -> dict:

@@ -112,3 +112,37 @@ def test_lazily_decoded_batches_hold_the_pixels_the_up_front_cache_held(pipeline
     expected = torch.cat([vlm.load_pixel_values(processor, r["images"], Path("."), r["id"], 5.0, {}) for r in rows])
     assert batch["pixel_values"].shape == (len(rows), 3, 64, 64)
     assert torch.equal(batch["pixel_values"], expected)
+
+
+def test_image_cache_serves_repeated_images_bit_equal_and_stops_at_its_size(pipeline, llm_dir, tmp_path):
+    """Many epochs over few images decode each once (the vision stage spent half its time decoding), and the cache
+    never holds more than image_cache_mb: images beyond it are decoded every time. A worker's copy starts empty."""
+    import pickle
+    from functools import partial
+
+    from semivlm import record_index
+    from train_vision import VisionConfig, build_clip, collate_pairs, image_text_pairs
+
+    cfg = VisionConfig(tokenizer=str(llm_dir), model_config=TINY_CLIP, train_split="")
+    _, processor = build_clip(cfg, torch.float32)
+    rows = image_text_pairs(cfg, processor, [str(pipeline / "annotations/captions.jsonl")], "", "train", print)
+    rows = list({r["images"][0]: r for r in rows}.values())  # one row per distinct image
+    assert len(rows) >= 3
+    collate = partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id, patches=16)
+    one_image = 3 * 64 * 64 * 4  # float32 pixels of the tiny tower
+    uncached = record_index.ImageCollate(collate, processor)(rows)["pixel_values"]
+    cache = record_index.ImageCollate(collate, processor, cache_mb=2.5 * one_image / 2 ** 20)  # room for 2 images
+    decoded = []
+    real_load = vlm.load_image
+
+    def counting_load(path, *args):
+        decoded.append(path)
+        return real_load(path, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vlm, "load_image", counting_load)
+        first, second = cache(rows)["pixel_values"], cache(rows)["pixel_values"]
+    assert torch.equal(first, uncached) and torch.equal(second, uncached)
+    assert len(cache.cache) == 2 and cache.cached_bytes == 2 * one_image <= cache.cache_mb * 2 ** 20
+    assert len(decoded) == 2 * len(rows) - 2  # the second pass decodes only the images the cache had no room for
+    assert pickle.loads(pickle.dumps(cache)).cache == {}
