@@ -150,6 +150,7 @@ def starting_model_dir(cfg: MoEConfig, accelerator) -> Path:
                 if not (cfg.vision_tower or cfg.vision_config):
                     raise SystemExit("--stage projector from an LLM needs vision_tower (a CLIP/SigLIP directory or "
                                      "hub id) or vision_config (a tiny random tower)")
+                torch.manual_seed(cfg.seed)  # the random projector (and tower): one start per seed
                 model, processor = vlm.build_vlm(cfg.vision_tower or cfg.vision_config, cfg.init_from,
                                                  feature_layer=cfg.vision_feature_layer,
                                                  feature_strategy=cfg.vision_feature_select_strategy)
@@ -308,8 +309,7 @@ def run(cfg: MoEConfig) -> dict:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
     # ---- the starting model, loaded partitioned under ZeRO-3 (after the Accelerator set the config up)
-    # before upcycling and loading, which take minutes on a real model
-    moe.check_lora_settings(cfg, zero_stage(accelerator), accelerator.device)
+    moe.check_lora_settings(cfg, zero_stage(accelerator), accelerator.device)  # before minutes of loading
     start = starting_model_dir(cfg, accelerator)
     attn = resolve_attn_implementation(cfg.attn_implementation)
     torch.manual_seed(cfg.seed)  # fresh LoRA adapters and dropout masks: the same run gives the same model

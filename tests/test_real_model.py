@@ -141,8 +141,9 @@ def stages(real_model, inputs, tmp_path_factory) -> dict:
     moe_args = {**COMMON, "train_data": vlm_data, "eval_data": ann / "held_out.jsonl", "max_length": 256,
                 "classify_eval": 0, "experts_implementation": "eager"}
     previous = real_model
+    # the random projector gets 8 steps: after 2 its held-out loss went either way with the draw (3.71 -> 3.94 seeded)
     for stage, extra in (("projector", {"vision_config": json.dumps(TINY_CLIP), "learning_rate": 1e-3,
-                                        "projector_lr": 1e-3}),
+                                        "projector_lr": 1e-3, "max_steps": 8}),
                          ("llm", {"learning_rate": 1e-4, "projector_lr": 1e-4}),
                          ("moe", {"num_experts": 2, "top_k": 1, "learning_rate": 1e-4})):
         out[stage] = (run(train_moe, train_moe.MoEConfig, {**moe_args, "output_dir": root / stage, "stage": stage,
@@ -304,7 +305,7 @@ def test_each_stage_trains_the_real_model_with_finite_losses_and_exports(stages,
     assert losses and all(math.isfinite(x) for x in losses + evals), (losses, evals)
     assert (out / "final/config.json").is_file()
     assert len(evals) == 2  # before and after training
-    if stage == "projector":  # a random projector at lr 1e-3: the held-out caption loss falls within 2 steps
+    if stage == "projector":  # a random projector at lr 1e-3: the held-out caption loss falls within 8 steps
         assert evals[-1] < evals[0], evals
 
 
